@@ -1,0 +1,1 @@
+"""Subcommands of the `clinfusediff` command (one module each; light imports only)."""

@@ -1,0 +1,98 @@
+import pytest
+import yaml
+
+from ClinFuseDiffCore.config import (
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+    seed_everything,
+)
+from ClinFuseDiffCore.modalities import ModalityRegistry
+
+
+@pytest.mark.parametrize("name", ["default", "demo"])
+def test_shipped_configs_load_and_round_trip(tmp_path, name):
+    cfg = load_config(name)
+    out = save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(out)
+    assert again == cfg
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_scales():
+    default, demo = load_config("default"), load_config("demo")
+    assert default.preprocessing.target_shape == [128, 128, 128]
+    assert default.model.image_encoder == "resnet50"
+    assert default.diffusion.num_train_timesteps == 1000
+    assert 4 <= default.training.batch_size <= 8 and default.training.amp != "none"
+    assert max(demo.preprocessing.target_shape) <= 64
+    assert demo.model.image_encoder in ("resnet10", "resnet18")
+
+
+def test_overrides_parse_types():
+    cfg = load_config("demo", ["training.lr=1e-4", "model.fusion=mean", "data.modalities=[ct,pet]",
+                               "experiment.deterministic=true", "data.root=null"])
+    assert cfg.training.lr == pytest.approx(1e-4)
+    assert cfg.model.fusion == "mean"
+    assert cfg.data.modalities == ["ct", "pet"]
+    assert cfg.experiment.deterministic is True
+    assert cfg.data.root is None
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training.lrr=1", "'training.lrr'"),
+        ("trainin.lr=1", "'trainin'"),
+        ("training.lr=abc", "expected float"),
+        ("training.epochs=1.5", "expected int"),
+        ("training.epochs=true", "expected int"),
+        ("model.fusion=sum", "not one of"),
+        ("data.modalities=mri_t1", "expected list"),
+        ("training.lr", "section.key=value"),
+    ],
+)
+def test_bad_keys_and_types_are_rejected_with_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert fragment in str(e.value)
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"model": {"embed_dimm": 3}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "embed_dim" in str(e.value) and "embed_dimm" in str(e.value)
+
+
+def test_seed_everything_repeats_all_generators():
+    import random
+
+    import numpy as np
+    import torch
+
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(5)
+    a = draw()
+    seed_everything(5)
+    assert draw() == a
+    seed_everything(6)
+    assert draw() != a
+
+
+def test_modality_registry():
+    reg = ModalityRegistry(extra_tabular=["labs", "genomics"])
+    assert reg.split(["mri_t1", "labs", "ct", "clinical"]) == (["mri_t1", "ct"], ["labs", "clinical"])
+    with pytest.raises(ValueError) as e:
+        reg.get("mri_t3")
+    assert "mri_t1ce" in str(e.value) and "labs" in str(e.value)
+    with pytest.raises(ValueError):
+        ModalityRegistry().get("labs")  # not declared
+    with pytest.raises(ValueError):
+        reg.validate(["ct", "ct"])
+    cfg = load_config("demo", ["data.tabular={clinical: {file: c.csv}, labs: {file: l.csv}}"])
+    assert ModalityRegistry.from_config(cfg.data).get("labs").kind == "tabular"
