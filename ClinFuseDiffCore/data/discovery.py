@@ -1,0 +1,279 @@
+"""Patient discovery: which files belong to which patient and modality.
+
+Layouts (``cfg.data.layout``):
+
+* ``generic``: ``ROOT/<patient_id>/<modality>.<ext>`` with ``<modality>`` a registered image
+  modality name (``mri_t1``, ``ct``, ...) and ``<ext>`` one of ``.nii.gz``, ``.nii``, ``.nrrd``,
+  ``.nhdr``, ``.mha``, ``.mhd``; a folder ``ROOT/<patient_id>/<modality>/`` holding one DICOM
+  series also counts. ``seg.<ext>`` is the ground-truth labelmap, ``brain_labels.<ext>`` goes to
+  ``record.extra["brain_labels"]``.
+* ``brats``: ``ROOT/<patient_id>/<anything><sep><suffix>.nii[.gz]`` with the BraTS 2021 suffixes
+  ``_t1 _t1ce _t2 _flair _seg`` or the BraTS 2023 suffixes ``-t1n -t1c -t2w -t2f -seg``, mapped to
+  ``mri_t1 mri_t1ce mri_t2 mri_flair`` and the labelmap.
+* ``tabular``: no images; patients come from the CSV files (see ``cohort.load_cohort``), so
+  ``discover_patients`` returns no records.
+* ``auto``: ``tabular`` when no image modality is requested, else ``brats`` when any patient folder
+  holds BraTS-named files, else ``generic``.
+
+Every patient folder is checked on its own (per-patient modality detection: a patient may have any
+subset of the requested image modalities). Folders that cannot be used become a logged
+:class:`Skip` (the folder and the reason), never an exception deep inside the pipeline; an ID
+that is not a safe file name (path separators, ``..``) is skipped with the reason from
+:func:`ClinFuseDiffCore.utils.safe_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+from ..modalities import IMAGE_MODALITIES, ModalityRegistry
+from ..utils import safe_id
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SEG_NAMES: tuple[str, ...] = ("seg",)
+EXTRA_NAMES: tuple[str, ...] = ("brain_labels",)
+LAYOUTS: tuple[str, ...] = ("auto", "generic", "brats", "tabular")
+
+# BraTS file-name suffix (after the last '_' or '-') -> modality name ("seg" = labelmap).
+BRATS_2021: dict[str, str] = {
+    "t1": "mri_t1", "t1ce": "mri_t1ce", "t2": "mri_t2", "flair": "mri_flair", "seg": "seg",
+}
+BRATS_2023: dict[str, str] = {
+    "t1n": "mri_t1", "t1c": "mri_t1ce", "t2w": "mri_t2", "t2f": "mri_flair", "seg": "seg",
+}
+_BRATS_RE = re.compile(
+    r"^(?P<prefix>.+?)(?:_(?P<s21>t1ce|t1|t2|flair|seg)|-(?P<s23>t1n|t1c|t2w|t2f|seg))"
+    r"\.nii(?:\.gz)?$",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class PatientRecord:
+    """One patient's input files.
+
+    Args:
+        patient_id: a safe ID (``utils.safe_id``): letters, digits, ``. _ -``.
+        images: image modality name -> file (or DICOM series folder), only modalities present.
+        seg: ground-truth labelmap file, if any.
+        root: the patient folder (None for tabular-only patients).
+        extra: anything else found (``brain_labels``) or attached later (e.g. the layout).
+    """
+
+    patient_id: str
+    images: dict[str, Path]
+    seg: Optional[Path] = None
+    root: Optional[Path] = None
+    extra: dict = field(default_factory=dict)
+
+
+class Skip(NamedTuple):
+    """A patient, folder or row that was left out, and why (logged as a warning)."""
+
+    where: str  # a path, or "<file>: patient <id>"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def _skip(skips: list[Skip], where: object, reason: str) -> None:
+    s = Skip(str(where), reason)
+    log.warning("skipped %s", s)
+    skips.append(s)
+
+
+def split_extension(name: str) -> tuple[str, Optional[str]]:
+    """``"mri_t1.nii.gz" -> ("mri_t1", ".nii.gz")``; ``(name, None)`` for other extensions."""
+    low = name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], ext
+    return name, None
+
+
+def _image_modalities(modalities: Sequence[str], registry: Optional[ModalityRegistry]) -> list[str]:
+    if registry is None:
+        names = list(modalities)
+        registry = ModalityRegistry(extra_tabular=[n for n in names if n not in IMAGE_MODALITIES])
+    image, _ = registry.split(modalities)
+    return image
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    """A folder holding at least one file that starts like a DICOM file (``DICM`` at byte 128)."""
+    for f in sorted(path.iterdir())[:50]:
+        if f.is_file():
+            try:
+                with open(f, "rb") as fh:
+                    head = fh.read(132)
+            except OSError:
+                continue
+            if len(head) == 132 and head[128:132] == b"DICM":
+                return True
+    return False
+
+
+def _patient_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_brats_name(name: str) -> bool:
+    """BraTS-named file; generic names such as ``mri_t1.nii.gz`` (which end in ``_t1``) are not."""
+    stem, _ = split_extension(name)
+    if stem in IMAGE_MODALITIES or stem in SEG_NAMES or stem in EXTRA_NAMES:
+        return False
+    return _BRATS_RE.match(name) is not None
+
+
+def detect_layout(root: Path, image_modalities: Sequence[str]) -> str:
+    """The layout ``auto`` resolves to (see the module docstring)."""
+    if not image_modalities:
+        return "tabular"
+    for d in _patient_dirs(root):
+        if any(f.is_file() and _is_brats_name(f.name) for f in d.iterdir()):
+            return "brats"
+    return "generic"
+
+
+def _scan_generic(folder: Path, wanted: Sequence[str]) -> tuple[dict[str, Path], Optional[Path], dict, list[str]]:
+    images: dict[str, Path] = {}
+    seg: Optional[Path] = None
+    extra: dict = {}
+    ignored: list[str] = []
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.is_dir():
+            if f.name in wanted and _is_dicom_folder(f):
+                if f.name in images:
+                    raise ValueError(f"{folder}: modality {f.name!r} given twice "
+                                     f"({images[f.name].name} and {f.name}/); keep one")
+                images[f.name] = f
+            else:
+                ignored.append(f.name + "/")
+            continue
+        stem, ext = split_extension(f.name)
+        if ext is None:
+            ignored.append(f.name)
+        elif stem in wanted:
+            if stem in images:
+                raise ValueError(f"{folder}: modality {stem!r} given twice "
+                                 f"({images[stem].name} and {f.name}); keep one")
+            images[stem] = f
+        elif stem in SEG_NAMES:
+            seg = f
+        elif stem in EXTRA_NAMES:
+            extra[stem] = f
+        else:
+            ignored.append(f.name)
+    return images, seg, extra, ignored
+
+
+def _scan_brats(folder: Path, wanted: Sequence[str]) -> tuple[dict[str, Path], Optional[Path], dict, list[str]]:
+    images: dict[str, Path] = {}
+    seg: Optional[Path] = None
+    ignored: list[str] = []
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        m = _BRATS_RE.match(f.name) if f.is_file() else None
+        if m is None:
+            ignored.append(f.name)
+            continue
+        suffix = (m.group("s21") or "").lower()
+        name = BRATS_2021[suffix] if suffix else BRATS_2023[m.group("s23").lower()]
+        if name == "seg":
+            if seg is not None:
+                raise ValueError(f"{folder}: two segmentation files ({seg.name}, {f.name}); keep one")
+            seg = f
+        elif name in wanted:
+            if name in images:
+                raise ValueError(f"{folder}: modality {name!r} given twice "
+                                 f"({images[name].name} and {f.name}); keep one")
+            images[name] = f
+        else:
+            ignored.append(f.name)
+    return images, seg, {}, ignored
+
+
+def discover_patients(
+    root: str | Path,
+    layout: str = "auto",
+    modalities: Sequence[str] = ("mri_t1", "mri_t1ce", "mri_t2", "mri_flair", "ct", "pet"),
+    registry: Optional[ModalityRegistry] = None,
+) -> tuple[list[PatientRecord], list[Skip]]:
+    """Find every patient folder under ``root`` and the files of its image modalities.
+
+    Args:
+        root: the cohort folder.
+        layout: ``auto`` | ``generic`` | ``brats`` | ``tabular`` (module docstring).
+        modalities: the configured modality names (tabular names are allowed and ignored here).
+        registry: the modality registry (default: built-in modalities plus the tabular names in
+            ``modalities``).
+
+    Returns:
+        (records sorted by patient ID, skips). A record has at least one requested image
+        modality. Skipped: empty folders, folders with none of the requested modalities, unsafe
+        IDs, folders with a modality given twice.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: unknown layout or modality names.
+    """
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.layout {layout!r} is not one of {list(LAYOUTS)}")
+    image_mods = _image_modalities(modalities, registry)
+    if layout == "tabular":
+        return [], []
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: cohort folder not found; set data.root to a folder of "
+                                "patient folders")
+    if layout == "auto":
+        layout = detect_layout(root, image_mods)
+        log.info("%s: detected layout %r", root, layout)
+        if layout == "tabular":
+            return [], []
+    scan = _scan_brats if layout == "brats" else _scan_generic
+
+    records: list[PatientRecord] = []
+    skips: list[Skip] = []
+    for folder in _patient_dirs(root):
+        try:
+            pid = safe_id(folder.name)
+        except ValueError as e:
+            _skip(skips, folder, str(e))
+            continue
+        entries = [f for f in folder.iterdir() if not f.name.startswith(".")]
+        if not entries:
+            _skip(skips, folder, "empty patient folder")
+            continue
+        try:
+            images, seg, extra, ignored = scan(folder, image_mods)
+        except (ValueError, OSError) as e:
+            _skip(skips, folder, str(e))
+            continue
+        if not images:
+            want = ", ".join(image_mods)
+            if layout == "brats":
+                want += " (BraTS names *_t1/_t1ce/_t2/_flair or *-t1n/-t1c/-t2w/-t2f .nii.gz)"
+            else:
+                want += f" (files <modality>{{{', '.join(IMAGE_EXTENSIONS)}}})"
+            _skip(skips, folder, f"no image of the requested modalities; expected {want}, "
+                                 f"found {sorted(e.name for e in entries)}")
+            continue
+        if ignored:
+            log.debug("%s: ignored %s", folder, ignored)
+        extra = dict(extra)
+        extra["layout"] = layout
+        records.append(PatientRecord(pid, images, seg=seg, root=folder, extra=extra))
+    if not records:
+        log.warning("%s: no usable patient folder (layout %r, modalities %s)", root, layout, image_mods)
+    return records, skips
