@@ -105,6 +105,10 @@ class PreprocessingConfig:
     skull_strip: bool = False
     crop_to_brain: bool = True
     crop_margin: int = 4  # voxels around the brain bounding box
+    # When the brain box (+margin) is larger than target_shape at `spacing`: "resize" coarsens the
+    # output spacing uniformly so the whole box fits; "crop" keeps `spacing` and cuts centrally.
+    fit: Literal["resize", "crop"] = "resize"
+    min_overlap: float = 0.5  # modalities of a patient must share this fraction of the smaller FOV
     mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     pet_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     ct_window: list[float] = field(default_factory=lambda: [-100.0, 200.0])  # HU
