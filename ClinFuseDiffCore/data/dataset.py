@@ -1,0 +1,540 @@
+"""Datasets, collate, missing-modality simulation and the patient-level split.
+
+Every batch carries every modality slot of ``cfg.data.modalities`` in that order plus an
+``available`` (B, M) mask (see docs/ARCHITECTURE.md)::
+
+    batch = {
+      "images":    (B, M_img, 1, D, H, W) float32  # image modalities in cfg order; zeros where absent
+      "tabular":   {name: {"num": (B, F_num), "num_missing": (B, F_num), "cat": (B, F_cat) long}}
+      "available": (B, M) bool    # after missing-modality simulation (training) — what the model may use
+      "present":   (B, M) bool    # what the patient really has (before simulation)
+      "target":    (B,) long (classification) | float (regression, survival: the time)
+      "time", "event": (B,) float # survival outcome (NaN where unknown)
+      "patient_id": list[str]
+    }
+
+``FeatureDataset`` gives the same batch with ``"tokens": (B, M, E)`` (cached encoder outputs)
+instead of ``images``/``tabular``: the "features are computed once" path used by the fusion stage
+of two-stage training, evaluation and TTT.
+
+Missing-modality simulation (training only) is a change of ``available``, never of the data.
+Its randomness, and the augmentation's, come from a generator seeded by (experiment seed,
+epoch, patient index): a sample is a pure function of those three numbers, so resumed runs,
+DDP ranks and DataLoader workers all see exactly the same draws as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+TARGET_DTYPES = {"classification": torch.long, "regression": torch.float32, "survival": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------
+# Missing-modality simulation
+# --------------------------------------------------------------------------------------------
+class ModalityDropout:
+    """Draws which of a patient's modalities the model may see during a training step.
+
+    Each available modality ``i`` is dropped independently with probability ``p_i``, conditioned
+    on (a) at least ``min(min_keep, #available)`` modalities kept and (b) the kept set not being
+    one of ``excluded_combinations`` (the never-drawn subsets of the unseen-combination
+    protocol). The conditional distribution is computed exactly by enumerating the subsets of
+    the available modalities (M is small), which is the distribution rejection sampling would
+    give, without its unbounded loop.
+
+    Args:
+        modalities: the modality order of the batch.
+        drop_prob: drop probability of every modality without an entry in ``per_modality``.
+        per_modality: ``{name: p}`` overrides.
+        min_keep: minimum number of modalities kept (capped at the number available).
+        excluded_combinations: lists of modality names; a kept set equal to one of them is
+            never drawn.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        drop_prob: float = 0.3,
+        per_modality: Optional[Mapping[str, float]] = None,
+        min_keep: int = 1,
+        excluded_combinations: Sequence[Sequence[str]] = (),
+    ):
+        self.modalities = list(modalities)
+        per_modality = dict(per_modality or {})
+        for name, p in [("data.drop_prob", drop_prob), *per_modality.items()]:
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"drop probability {name}={p!r} must be in [0, 1]")
+        unknown = sorted(set(per_modality) - set(self.modalities))
+        if unknown:
+            raise ValueError(
+                f"data.drop_prob_per_modality names {unknown}, which are not in data.modalities "
+                f"{self.modalities}; remove them or add the modality"
+            )
+        if min_keep < 1:
+            raise ValueError(f"data.min_keep={min_keep} must be >= 1 (a patient needs one modality)")
+        self.p = np.array([float(per_modality.get(m, drop_prob)) for m in self.modalities])
+        self.min_keep = int(min_keep)
+        self.excluded: set[frozenset[str]] = set()
+        for combo in excluded_combinations:
+            bad = sorted(set(combo) - set(self.modalities))
+            if bad or not combo:
+                raise ValueError(
+                    f"data.excluded_combinations entry {list(combo)} names {bad or 'nothing'}; "
+                    f"each entry must be a non-empty list of modalities from {self.modalities}"
+                )
+            self.excluded.add(frozenset(combo))
+        self._table: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_config(cls, data_cfg, modalities: Sequence[str]) -> "ModalityDropout":
+        return cls(
+            modalities,
+            drop_prob=data_cfg.drop_prob,
+            per_modality=data_cfg.drop_prob_per_modality,
+            min_keep=data_cfg.min_keep,
+            excluded_combinations=data_cfg.excluded_combinations,
+        )
+
+    def is_excluded(self, mask: np.ndarray) -> bool:
+        """True when the modalities set in ``mask`` (M,) form an excluded combination."""
+        return frozenset(m for m, a in zip(self.modalities, mask) if a) in self.excluded
+
+    def distribution(self, available: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The allowed kept-subsets of one patient and their probabilities.
+
+        Args:
+            available: (M,) bool — the modalities the patient has.
+
+        Returns:
+            ``(subsets (S, M) bool, probs (S,) float64)``; ``S == 0`` when no subset is allowed.
+        """
+        key = tuple(bool(a) for a in available)
+        if key in self._table:
+            return self._table[key]
+        idx = [i for i, a in enumerate(key) if a]
+        need = min(self.min_keep, len(idx))
+        subsets, probs = [], []
+        for bits in itertools.product([False, True], repeat=len(idx)):
+            kept = [i for i, b in zip(idx, bits) if b]
+            if len(kept) < max(need, 1):
+                continue
+            mask = np.zeros(len(self.modalities), dtype=bool)
+            mask[kept] = True
+            if self.is_excluded(mask):
+                continue
+            p = np.prod([1 - self.p[i] if b else self.p[i] for i, b in zip(idx, bits)])
+            subsets.append(mask)
+            probs.append(p)
+        if not subsets:
+            out = (np.zeros((0, len(self.modalities)), bool), np.zeros(0))
+        else:
+            probs_a = np.asarray(probs, dtype=np.float64)
+            # All allowed subsets have probability 0 (e.g. p=1 everywhere): draw uniformly.
+            probs_a = probs_a / probs_a.sum() if probs_a.sum() > 0 else np.full(len(probs), 1 / len(probs))
+            out = (np.stack(subsets), probs_a)
+        self._table[key] = out
+        return out
+
+    def can_sample(self, available: np.ndarray) -> bool:
+        return len(self.distribution(available)[0]) > 0
+
+    def __call__(self, available: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Draw the kept mask for one patient.
+
+        Args:
+            available: (M,) bool, the modalities the patient has.
+            rng: the numpy generator to draw from.
+
+        Returns:
+            (M,) bool, a subset of ``available``.
+        """
+        subsets, probs = self.distribution(available)
+        if len(subsets) == 0:
+            names = [m for m, a in zip(self.modalities, available) if a]
+            raise ValueError(
+                f"no allowed modality subset for a patient with {names} (min_keep={self.min_keep}, "
+                f"excluded={sorted(sorted(c) for c in self.excluded)}); drop the patient from "
+                "training or relax data.excluded_combinations"
+            )
+        return subsets[rng.choice(len(subsets), p=probs)].copy()
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """The generator of one (seed, epoch, sample, purpose) — independent of workers and ranks."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed) % (2**32), epoch, index, stream]))
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and datasets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PatientSample:
+    """What the dataset knows about one patient without loading its images.
+
+    ``image_names`` are the image modalities the patient really has; ``tabular`` holds one
+    ``{"num": (F_num,), "num_missing": (F_num,), "cat": (F_cat,)}`` per tabular modality the
+    patient has a row for. ``target`` is the label (classification), value (regression) or
+    time (survival); NaN where unknown.
+    """
+
+    patient_id: str
+    image_names: tuple[str, ...]
+    tabular: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    target: float = float("nan")
+    time: float = float("nan")
+    event: float = float("nan")
+
+
+class MultimodalDataset(Dataset):
+    """Patients -> items of the batch layout above (images, tabular, masks, outcome).
+
+    Args:
+        samples: one ``PatientSample`` per patient.
+        modalities: the modality order (image and tabular names).
+        image_modalities: the image names among ``modalities``.
+        tabular_shapes: ``{name: (F_num, F_cat)}`` for every tabular modality (to zero-fill).
+        image_shape: (D, H, W) of the preprocessed volumes.
+        load_images: ``patient_id -> {name: (D, H, W) float32}`` (e.g. from the preprocessing
+            cache); returns at least the patient's ``image_names``.
+        task: the outcome type; sets the dtype of ``target``.
+        dropout: the missing-modality simulation; None = no simulation (validation/test).
+        augment: apply ``data.augment``'s transforms (training only).
+        seed: the experiment seed; with ``set_epoch`` it seeds simulation and augmentation.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[PatientSample],
+        modalities: Sequence[str],
+        image_modalities: Sequence[str],
+        tabular_shapes: Mapping[str, tuple[int, int]],
+        image_shape: Sequence[int],
+        load_images: Callable[[str], Mapping[str, np.ndarray]],
+        task: str = "classification",
+        dropout: Optional[ModalityDropout] = None,
+        augment: bool = False,
+        seed: int = 0,
+    ):
+        self.samples = list(samples)
+        self.modalities = list(modalities)
+        self.image_modalities = [m for m in self.modalities if m in set(image_modalities)]
+        self.tabular_modalities = [m for m in self.modalities if m not in set(image_modalities)]
+        missing = sorted(set(self.tabular_modalities) - set(tabular_shapes))
+        if missing:
+            raise ValueError(f"tabular modalities {missing} have no feature shape in tabular_shapes")
+        self.tabular_shapes = {k: (int(v[0]), int(v[1])) for k, v in tabular_shapes.items()}
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.load_images = load_images
+        if task not in TARGET_DTYPES:
+            raise ValueError(f"task {task!r} not in {sorted(TARGET_DTYPES)}")
+        self.task = task
+        self.dropout = dropout
+        self.seed = int(seed)
+        self.epoch = 0
+        self.augment = None
+        if augment and self.image_modalities:
+            from .augment import build_augmentation
+
+            self.augment = build_augmentation(self.image_modalities)
+        self.present = np.stack([self._present(s) for s in self.samples]) if self.samples else \
+            np.zeros((0, len(self.modalities)), bool)  # (N, M)
+        for s, pres in zip(self.samples, self.present):
+            if not pres.any():
+                raise ValueError(f"patient {s.patient_id!r} has none of the modalities {self.modalities}")
+
+    def _present(self, s: PatientSample) -> np.ndarray:
+        return np.array(
+            [(m in s.image_names) if m in self.image_modalities else (m in s.tabular) for m in self.modalities],
+            dtype=bool,
+        )
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [s.patient_id for s in self.samples]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose simulation/augmentation draws ``__getitem__`` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _outcome(self, s: PatientSample) -> dict[str, torch.Tensor]:
+        if self.task == "classification":
+            target = torch.tensor(int(s.target) if np.isfinite(s.target) else -1, dtype=torch.long)
+        else:
+            target = torch.tensor(float(s.target), dtype=torch.float32)
+        return {
+            "target": target,
+            "time": torch.tensor(float(s.time), dtype=torch.float32),
+            "event": torch.tensor(float(s.event), dtype=torch.float32),
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        present = self.present[index]
+        available = present
+        if self.dropout is not None:
+            available = self.dropout(present, sample_rng(self.seed, self.epoch, index, 0))
+        # Images: load only those the patient has; absent slots stay zero and are masked.
+        images = np.zeros((len(self.image_modalities), 1, *self.image_shape), np.float32)  # (M_img,1,D,H,W)
+        if self.image_modalities and s.image_names:
+            loaded = self.load_images(s.patient_id)
+            have = {m: loaded[m] for m in s.image_names}
+            if self.augment is not None:
+                from .augment import augment_patient
+
+                seed = int(sample_rng(self.seed, self.epoch, index, 1).integers(2**31))
+                have = augment_patient(self.augment, have, seed)
+            for j, m in enumerate(self.image_modalities):
+                if m in have:
+                    arr = np.asarray(have[m], dtype=np.float32)
+                    if arr.shape != self.image_shape:
+                        raise ValueError(
+                            f"patient {s.patient_id!r} modality {m!r}: preprocessed shape {arr.shape} "
+                            f"!= target shape {self.image_shape}; rebuild the preprocessing cache"
+                        )
+                    images[j, 0] = arr
+        tabular = {}
+        for m in self.tabular_modalities:
+            f_num, f_cat = self.tabular_shapes[m]
+            row = s.tabular.get(m)
+            if row is None:
+                tabular[m] = {
+                    "num": torch.zeros(f_num), "num_missing": torch.ones(f_num),
+                    "cat": torch.zeros(f_cat, dtype=torch.long),
+                }
+            else:
+                tabular[m] = {
+                    "num": torch.as_tensor(np.asarray(row["num"], np.float32)),
+                    "num_missing": torch.as_tensor(np.asarray(row["num_missing"], np.float32)),
+                    "cat": torch.as_tensor(np.asarray(row["cat"], np.int64)),
+                }
+        return {
+            "images": torch.from_numpy(images),
+            "tabular": tabular,
+            "available": torch.from_numpy(available.copy()),
+            "present": torch.from_numpy(present.copy()),
+            **self._outcome(s),
+            "patient_id": s.patient_id,
+        }
+
+
+class FeatureDataset(Dataset):
+    """Cached encoder tokens -> items with ``tokens`` instead of images/tabular.
+
+    Args:
+        tokens: (N, M, E) float — ``model.encode`` outputs (rows of absent modalities are 0).
+        present: (N, M) bool — the modalities each patient really has.
+        target, time, event: (N,) outcomes (NaN where unknown; classification labels as floats
+            or ints).
+        patient_ids: N strings.
+        task: sets the dtype of ``target``.
+        dropout: missing-modality simulation (training); None for evaluation.
+        seed: seeds the simulation together with ``set_epoch``.
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        present: torch.Tensor,
+        target: Sequence[float],
+        time: Sequence[float],
+        event: Sequence[float],
+        patient_ids: Sequence[str],
+        task: str = "classification",
+        dropout: Optional[ModalityDropout] = None,
+        seed: int = 0,
+    ):
+        n = tokens.shape[0]
+        if not (present.shape[0] == len(target) == len(time) == len(event) == len(patient_ids) == n):
+            raise ValueError("tokens, present, outcomes and patient_ids must have the same length N")
+        self.tokens = tokens.detach().float().cpu()  # (N, M, E)
+        self.present = present.detach().bool().cpu().numpy()  # (N, M)
+        self.target = np.asarray(target, np.float64)
+        self.time = np.asarray(time, np.float64)
+        self.event = np.asarray(event, np.float64)
+        self.ids = list(patient_ids)
+        self.task = task
+        self.dropout = dropout
+        self.seed = int(seed)
+        self.epoch = 0
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        present = self.present[index]
+        available = present
+        if self.dropout is not None:
+            available = self.dropout(present, sample_rng(self.seed, self.epoch, index, 0))
+        t = self.target[index]
+        if self.task == "classification":
+            target = torch.tensor(int(t) if np.isfinite(t) else -1, dtype=torch.long)
+        else:
+            target = torch.tensor(float(t), dtype=torch.float32)
+        return {
+            "tokens": self.tokens[index],  # (M, E)
+            "available": torch.from_numpy(available.copy()),
+            "present": torch.from_numpy(present.copy()),
+            "target": target,
+            "time": torch.tensor(float(self.time[index]), dtype=torch.float32),
+            "event": torch.tensor(float(self.event[index]), dtype=torch.float32),
+            "patient_id": self.ids[index],
+        }
+
+
+def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack dataset items into the batch of docs/ARCHITECTURE.md.
+
+    Args:
+        items: items of ``MultimodalDataset`` or ``FeatureDataset``.
+
+    Returns:
+        The batch: tensors gain a leading B axis (``images`` (B, M_img, 1, D, H, W),
+        ``tokens`` (B, M, E), ``available``/``present`` (B, M), ``target``/``time``/``event``
+        (B,)), ``tabular`` is stacked per modality and field, ``patient_id`` is a list.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty list of items")
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if key == "patient_id":
+            batch[key] = list(vals)
+        elif key == "tabular":
+            batch[key] = {
+                m: {f: torch.stack([v[m][f] for v in vals]) for f in vals[0][m]} for m in vals[0]
+            }
+        else:
+            batch[key] = torch.stack(vals)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Patient-level split
+# --------------------------------------------------------------------------------------------
+def make_split(
+    patient_ids: Sequence[str],
+    labels: Optional[Sequence[Any]] = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Split patients into train/val/test, stratified by ``labels`` when given.
+
+    Stratification falls back to a plain shuffle split when a class is too small to appear in
+    every part (sklearn would raise).
+
+    Args:
+        patient_ids: unique IDs.
+        labels: one class label per patient, or None (regression/survival).
+        val_fraction, test_fraction: fractions of all patients.
+        seed: the shuffle seed.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
+    """
+    from sklearn.model_selection import train_test_split
+
+    ids = list(patient_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("patient IDs must be unique to split by patient")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in "
+            "[0, 1) and sum to less than 1"
+        )
+    n = len(ids)
+    n_test = int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    if n - n_test - n_val < 1:
+        raise ValueError(f"{n} patients are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+    y = None if labels is None else np.asarray(list(labels))
+
+    def _split(a_ids, a_y, size):
+        if size == 0:
+            return list(a_ids), [], a_y
+        strat = a_y
+        if strat is not None:
+            _, counts = np.unique(strat, return_counts=True)
+            n_classes = len(counts)
+            if counts.min() < 2 or size < n_classes or len(a_ids) - size < n_classes:
+                strat = None
+        rest, part, y_rest, _ = train_test_split(
+            list(a_ids), np.arange(len(a_ids)) if a_y is None else a_y, test_size=size,
+            random_state=seed, stratify=strat, shuffle=True,
+        )
+        return rest, part, (None if a_y is None else y_rest)
+
+    rest, test, y_rest = _split(ids, y, n_test)
+    train, val, _ = _split(rest, y_rest, n_val)
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def load_or_make_split(
+    path: str | Path,
+    patient_ids: Sequence[str],
+    labels: Optional[Sequence[Any]] = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Read the split from ``path`` when it exists, else make it and write it there (atomically).
+
+    A reused split must cover exactly ``patient_ids``; otherwise it is an error (the cohort
+    changed) that says which IDs differ.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``.
+    """
+    from ..utils import atomic_write_json
+
+    path = Path(path)
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            split = {k: [str(x) for x in data[k]] for k in ("train", "val", "test")}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"split file {path} is not a JSON object with train/val/test lists ({e}); "
+                "delete it to make a new split"
+            ) from e
+        in_file = [i for k in ("train", "val", "test") for i in split[k]]
+        if len(set(in_file)) != len(in_file):
+            raise ValueError(f"split file {path} lists a patient in more than one part; delete it")
+        extra, new = sorted(set(in_file) - set(patient_ids)), sorted(set(patient_ids) - set(in_file))
+        if extra or new:
+            raise ValueError(
+                f"split file {path} does not match the cohort: {len(extra)} IDs not in the cohort "
+                f"{extra[:5]}, {len(new)} cohort IDs not in the file {new[:5]}; delete the file "
+                "(or point data.split_file elsewhere) to make a new split"
+            )
+        log.info("reusing split %s", path)
+        return split
+    split = make_split(patient_ids, labels, val_fraction, test_fraction, seed)
+    atomic_write_json(
+        path,
+        {**split, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+         "stratified": labels is not None},
+    )
+    return split
