@@ -187,3 +187,33 @@ def test_evaluate_rejects_mismatched_methods():
             torch.ones(2, 2, dtype=torch.bool), P.Targets("classification", torch.tensor([0, 1])),
             ["a", "b"], metric_fn=_accuracy_metric,
         )
+
+
+def test_write_report_files(tmp_path):
+    import csv
+    import json
+
+    from ClinFuseDiffCore.evaluation.report import write_report
+
+    mods = ["a", "b"]
+    target = torch.tensor([1, 0, 1, 0])
+    tokens = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+    methods = {s: [_toy_method("toy", tokens, calls), _toy_method("other", -tokens, calls)]
+               for s in (0, 1, 2)}
+    res = P.evaluate_all_subsets(methods, torch.ones(4, 2, dtype=torch.bool),
+                                 P.Targets("classification", target), mods,
+                                 metric_fn=_accuracy_metric, reference_method="toy")
+    res["primary_metric"] = "accuracy"
+    paths = write_report(res, tmp_path / "out")
+    loaded = json.loads(paths["json"].read_text())  # standard JSON (NaN written as null)
+    assert loaded["subsets"] == ["a", "b", "a+b"] and loaded["seeds"] == [0, 1, 2]
+    assert "toy - other" in loaded["comparisons"]
+    rows = list(csv.DictReader(paths["csv"].open()))
+    # 2 methods x 3 subsets x (accuracy, mean_uncertainty, mean_entropy)
+    assert len(rows) == 18 and {r["metric"] for r in rows} == {"accuracy", "mean_uncertainty",
+                                                                "mean_entropy"}
+    md = paths["markdown"].read_text()
+    assert "| a+b | 2 | yes | 4 |" in md and "## accuracy ↑" in md
+    for k in ("heatmap", "reliability", "uncertainty"):
+        assert paths[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
