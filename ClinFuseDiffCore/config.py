@@ -122,6 +122,8 @@ class ModelConfig:
     encoder_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # block_inplanes
     first_stride: int = 1  # stride of the first convolution (2 = cheaper on a CPU)
     first_kernel: int = 7
+    # Encoder normalisation; group norm works for any sub-batch size and single patients.
+    encoder_norm: Literal["batch", "group", "instance"] = "group"
     shared_image_encoder: bool = False  # one encoder for all images + modality embedding
     embed_dim: int = 256  # E: shared token width
     tabular_hidden: list[int] = field(default_factory=lambda: [128, 128])
@@ -173,6 +175,11 @@ class TrainingConfig:
     feature_bank_size: int = 256  # training features stored in the checkpoint for TTT
     log_every: int = 10
     fusions: list[str] = field(default_factory=lambda: ["mean", "attention", "diffusion"])
+    # end_to_end: every model trains its encoders; two_stage: encoders trained once (stage 1,
+    # encoder_epochs, with stage1_fusion), then each fusion + head on cached frozen tokens (epochs).
+    stage: Literal["end_to_end", "two_stage"] = "end_to_end"
+    encoder_epochs: int = 10
+    stage1_fusion: Literal["mean", "attention", "diffusion"] = "mean"
 
 
 @dataclass
