@@ -1,0 +1,1027 @@
+"""ClinFuseDiff: multimodal outcome prediction with uncertainty and a brain segmentation, in 3D Slicer.
+
+The module collects the patient's volumes (one selector per modality), clinical values and a
+checkpoint, then runs ``PythonSlicer -m ClinFuseDiffCore.cli infer ...`` in a cancellable
+subprocess — the same command as in the shell — and loads what it writes: a ``.seg.nrrd``
+segmentation (shown over the input) and ``prediction.json`` (shown as a table).
+
+Nothing here imports torch or ClinFuseDiffCore at module load; torch is installed through the
+PyTorch extension (PyTorchUtils) and the other packages from ``Resources/requirements.txt``, both
+only on first use and after asking.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from enum import Enum
+from typing import Annotated, Callable, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# (ClinFuseDiffCore modality name, parameter-node key) in the order the selectors are shown.
+MODALITIES = [
+    ("mri_t1", "t1"),
+    ("mri_t1ce", "t1ce"),
+    ("mri_t2", "t2"),
+    ("mri_flair", "flair"),
+    ("ct", "ct"),
+    ("pet", "pet"),
+]
+
+# Low-memory warning threshold for the GPU, in GiB.
+LOW_GPU_MEMORY_GB = 7.0
+
+
+#
+# ClinFuseDiff
+#
+
+
+class ClinFuseDiff(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ClinFuseDiff")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ClinFuseDiff developers"]
+        self.parent.helpText = _("""
+Predicts a clinical outcome (class probabilities, risk or a value) with its uncertainty from
+whatever the patient has of MRI (T1, T1ce, T2, FLAIR), CT, PET and clinical values, and segments
+the brain. Missing modalities are imputed in feature space by a conditional diffusion model; the
+model adapts to the patient at test time. Pick the volumes, tick the available modalities, choose
+a checkpoint and click Apply.
+See <a href="https://github.com/ClinFuseDiff/ClinFuseDiff#readme">the documentation</a>.
+Research use only: not a medical device.
+""")
+        self.parent.acknowledgementText = _("""
+Built on 3D Slicer's scripted module template, the PyTorch extension (PyTorchUtils), MONAI and
+slicerio; the subprocess handling follows SlicerTotalSegmentator and SlicerMONAIAuto3DSeg.
+""")
+
+
+#
+# ClinFuseDiffParameterNode
+#
+
+
+class ComputeDevice(Enum):
+    """Where the subprocess runs the model."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+    @staticmethod
+    def label(value):
+        return {"auto": _("auto (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[value.value]
+
+
+@parameterNodeWrapper
+class ClinFuseDiffParameterNode:
+    """
+    The parameters needed by the module (saved with the scene).
+
+    t1Volume ... petVolume - one input volume per image modality (None = not available).
+    useT1 ... usePet, useClinical - which modalities the patient has.
+    clinicalCsvPath, clinicalPatientId - a CSV file (patient_id column) and the row to use.
+    clinicalValues - or values typed in, "name=value; name=value".
+    checkpointPath - the trained ClinFuseDiff checkpoint.
+    useTTT, tttSteps - test-time training on/off and its steps (0 = checkpoint default).
+    numSamples - number of diffusion samples K (uncertainty).
+    device - auto / CPU / GPU.
+    outputSegmentation, outputTable - result nodes (created when None).
+    outputFolder - where to keep the written files (empty = temporary folder).
+    """
+
+    t1Volume: Optional[slicer.vtkMRMLScalarVolumeNode]
+    t1ceVolume: Optional[slicer.vtkMRMLScalarVolumeNode]
+    t2Volume: Optional[slicer.vtkMRMLScalarVolumeNode]
+    flairVolume: Optional[slicer.vtkMRMLScalarVolumeNode]
+    ctVolume: Optional[slicer.vtkMRMLScalarVolumeNode]
+    petVolume: Optional[slicer.vtkMRMLScalarVolumeNode]
+    useT1: bool = False
+    useT1ce: bool = False
+    useT2: bool = False
+    useFlair: bool = False
+    useCt: bool = False
+    usePet: bool = False
+    useClinical: bool = False
+    clinicalCsvPath: pathlib.Path
+    clinicalPatientId: str = ""
+    clinicalValues: str = ""
+    checkpointPath: pathlib.Path
+    useTTT: bool = True
+    tttSteps: Annotated[int, WithinRange(0, 1000)] = 0
+    numSamples: Annotated[int, WithinRange(1, 128)] = 8
+    device: ComputeDevice = ComputeDevice.auto
+    outputSegmentation: Optional[slicer.vtkMRMLSegmentationNode]
+    outputTable: Optional[slicer.vtkMRMLTableNode]
+    outputFolder: pathlib.Path
+
+
+def _useFlagName(key: str) -> str:
+    """``t1ce`` -> ``useT1ce`` (the parameter-node availability flag of a modality key)."""
+    return "use" + key[0].upper() + key[1:]
+
+
+def _pathOrNone(path) -> Optional[pathlib.Path]:
+    """An unset ctkPathLineEdit reads as '' or '.'; return None for those."""
+    if path is None:
+        return None
+    text = str(path).strip()
+    return None if text in ("", ".") else pathlib.Path(text)
+
+
+def matchModalityName(name: str) -> Optional[str]:
+    """The modality key (``t1``, ``t1ce``, ``t2``, ``flair``, ``ct``, ``pet``) a volume name suggests.
+
+    Examples: ``BraTS2021_00001_t1ce`` -> ``t1ce``; ``T1_post_Gd`` -> ``t1ce``; ``sub-01_T1w`` -> ``t1``;
+    ``T2-FLAIR`` -> ``flair``; ``CT head`` -> ``ct``; ``FDG PET`` -> ``pet``; ``Segmentation`` -> None.
+    """
+    n = name.lower()
+    if "flair" in n:
+        return "flair"
+    if re.search(r"t1[\W_]*(ce|c|gd|post|contrast)(?![a-z])", n) or re.search(r"(^|[\W_])(gad|gado)", n):
+        return "t1ce"
+    if re.search(r"(^|[^a-z0-9])t1(w|[^a-z0-9]|$)", n) or re.search(r"t1(w|_|$)", n):
+        return "t1"
+    if re.search(r"(^|[^a-z0-9])t2(w|[^a-z0-9]|$)", n) or re.search(r"t2(w|_|$)", n):
+        return "t2"
+    if re.search(r"(^|[^a-z])(pet|fdg|suv)([^a-z]|$)", n):
+        return "pet"
+    if re.search(r"(^|[^a-z])(ct|cta|ncct)([^a-z]|$)", n):
+        return "ct"
+    return None
+
+
+def parseClinicalValues(text: str) -> dict:
+    """``"age=63; sex=M"`` -> ``{"age": "63", "sex": "M"}``; raise ValueError on a malformed pair."""
+    values = {}
+    for part in re.split(r"[;\n]", text or ""):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(_("Clinical value '{part}' is not of the form name=value (e.g. age=63).").format(part=part))
+        name, value = (p.strip() for p in part.split("=", 1))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ .-]*", name):
+            raise ValueError(_("Clinical variable name '{name}' is not allowed; use letters, digits and _.").format(name=name))
+        if name in values:
+            raise ValueError(_("Clinical variable '{name}' is given twice.").format(name=name))
+        if "," in value or '"' in value:
+            raise ValueError(_("Clinical value of '{name}' must not contain ',' or quotes.").format(name=name))
+        values[name] = value
+    return values
+
+
+def tinyTrainArguments(folder) -> list:
+    """``clinfusediff train`` arguments for the self-test's tiny checkpoint (synthetic cohort, CPU, ~1 min)."""
+    return ["train", "--config", "demo", "--out", str(folder), "--no-progress",
+            "experiment.device=cpu", "data.synth_patients=16", "data.synth_shape=[40,40,32]",
+            "preprocessing.target_shape=[24,24,24]", "preprocessing.spacing=[4.0,4.0,4.0]",
+            "model.encoder_widths=[8,8,16,16]", "model.embed_dim=32", "training.epochs=2",
+            "training.batch_size=4", "diffusion.num_inference_steps=4"]
+
+
+def parseProgressLine(line: str) -> Optional[tuple]:
+    """``"PROGRESS 40 preprocess"`` (printed by ``clinfusediff infer``) -> ``(40, "preprocess")``."""
+    m = re.match(r"^PROGRESS\s+(\d{1,3})\s*(.*)$", line.strip())
+    if not m:
+        return None
+    return min(100, int(m.group(1))), m.group(2)
+
+
+#
+# ClinFuseDiffWidget
+#
+
+
+class ClinFuseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ClinFuseDiff.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = ClinFuseDiffLogic()
+        self.ui.progressBar.setVisible(False)
+
+        # Connections
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.matchVolumesButton.connect("clicked(bool)", self.onMatchVolumes)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
+        for _name, key in MODALITIES:
+            getattr(self.ui, f"{key}VolumeSelector").connect(
+                "currentNodeChanged(vtkMRMLNode*)", lambda node, k=key: self.onVolumeSelected(k, node))
+
+        self.initializeParameterNode()
+        qt.QTimer.singleShot(0, self.updateDeviceInfo)
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self.logic and self.logic.isRunning():
+            self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, calldata) -> None:
+        # A volume loaded after the module opened fills an empty selector whose name it matches.
+        if self._parameterNode and isinstance(calldata, slicer.vtkMRMLScalarVolumeNode):
+            qt.QTimer.singleShot(0, lambda: self.logic.fillVolumesByName(self._parameterNode, overwrite=False))
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        self.logic.fillVolumesByName(self._parameterNode, overwrite=False)
+
+    def setParameterNode(self, inputParameterNode: Optional[ClinFuseDiffParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # ui element that needs connection to the parameter node has a SlicerParameterName
+            # property; this binds them both ways.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def onVolumeSelected(self, key: str, node) -> None:
+        if self._parameterNode:
+            setattr(self._parameterNode, _useFlagName(key), node is not None)
+
+    def onMatchVolumes(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to match volumes."), waitCursor=True):
+            matched = self.logic.fillVolumesByName(self._parameterNode, overwrite=True)
+            self.ui.statusLabel.text = _("Matched: {names}").format(
+                names=", ".join(f"{k}={n.GetName()}" for k, n in matched.items()) or _("none"))
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self.logic.isRunning():
+            self.ui.applyButton.enabled = True
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running inference.")
+            return
+        self.ui.applyButton.text = _("Apply")
+        problem = self.logic.inputProblem(self._parameterNode) if self._parameterNode else _("No parameter node.")
+        self.ui.applyButton.enabled = problem is None
+        self.ui.applyButton.toolTip = problem or _("Run the inference on the selected inputs.")
+
+    def updateDeviceInfo(self, _index=None) -> None:
+        info = self.logic.detectDevice()
+        choice = self._parameterNode.device if self._parameterNode else ComputeDevice.auto
+        if info["torch"] is None:
+            text = _("GPU: unknown until PyTorch is installed (it is installed on first Apply, after asking).")
+            color = "gray"
+        elif not info["cuda"]:
+            text = _("No CUDA GPU visible to PyTorch: inference runs on the CPU (slower).")
+            color = "red" if choice == ComputeDevice.cuda else "gray"
+        else:
+            text = _("GPU: {name}, {mem:.1f} GB").format(name=info["name"], mem=info["memoryGB"])
+            color = "green"
+            if info["memoryGB"] < LOW_GPU_MEMORY_GB and choice != ComputeDevice.cpu:
+                text += " — " + _("less than {lim:.0f} GB: large volumes may run out of memory; choose CPU if it fails.").format(lim=LOW_GPU_MEMORY_GB)
+                color = "darkorange"
+        self.ui.deviceInfoLabel.text = text
+        self.ui.deviceInfoLabel.setStyleSheet(f"color: {color}")
+
+    def addLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        self.ui.logTextEdit.ensureCursorVisible()
+
+    def setProgress(self, percent: int, message: str) -> None:
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = percent
+        if message:
+            self.ui.statusLabel.text = message
+
+    def onApplyButton(self) -> None:
+        if self.logic.isRunning():
+            self.logic.cancel()
+            self.addLog(_("Cancel requested."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start ClinFuseDiff."), waitCursor=True):
+            self.ui.logTextEdit.clear()
+            self.setProgress(0, _("Checking Python packages..."))
+            self.logic.setupPythonRequirements(askConfirmation=True)
+            self.logic.process(
+                self._parameterNode,
+                waitForCompletion=False,
+                logCallback=self.addLog,
+                progressCallback=self.setProgress,
+                completedCallback=self.onProcessCompleted,
+            )
+        self._checkCanApply()
+
+    def onProcessCompleted(self, returnCode: int, errorMessage: Optional[str]) -> None:
+        self.ui.progressBar.setVisible(returnCode == 0)
+        if returnCode == 0:
+            self.setProgress(100, _("Done."))
+        elif self.logic.wasCancelled:
+            self.ui.statusLabel.text = _("Cancelled.")
+        else:
+            self.ui.statusLabel.text = _("Failed (exit code {code}); see the log.").format(code=returnCode)
+            if errorMessage:
+                slicer.util.errorDisplay(_("ClinFuseDiff failed."), detailedText=errorMessage)
+        self._checkCanApply()
+
+
+#
+# ClinFuseDiffLogic
+#
+
+
+class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
+    """All computation; usable without the Widget (from the Python console or a script).
+
+    Example::
+
+        logic = ClinFuseDiffLogic()
+        p = logic.getParameterNode()
+        p.t1Volume = slicer.util.getNode("t1"); p.useT1 = True
+        p.checkpointPath = pathlib.Path("/path/model.pt")
+        logic.setupPythonRequirements()
+        logic.process(p)   # blocks; fills p.outputSegmentation and p.outputTable
+    """
+
+    # How often (ms) the running subprocess is polled for output.
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._proc = None
+        self._timer = None
+        self._queue = None
+        self._reader = None
+        self._job = None
+        self.wasCancelled = False
+
+    def getParameterNode(self):
+        return ClinFuseDiffParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------ environment
+    @staticmethod
+    def moduleDir() -> pathlib.Path:
+        return pathlib.Path(__file__).resolve().parent
+
+    @classmethod
+    def corePythonPath(cls) -> pathlib.Path:
+        """The folder that holds the ClinFuseDiffCore package.
+
+        Installed extension: ``qt-scripted-modules/ClinFuseDiffCore`` beside this file. Source
+        tree (Additional module paths = ``<repo>/ClinFuseDiff``): ``<repo>/ClinFuseDiffCore``.
+        """
+        for candidate in (cls.moduleDir(), cls.moduleDir().parent):
+            if (candidate / "ClinFuseDiffCore" / "__init__.py").exists():
+                return candidate
+        raise RuntimeError(_("ClinFuseDiffCore was not found next to {path} or in its parent folder; reinstall the extension.").format(path=cls.moduleDir()))
+
+    @staticmethod
+    def pythonSlicerExecutable() -> str:
+        exe = shutil.which("PythonSlicer")
+        if not exe:
+            raise RuntimeError(_("The PythonSlicer executable was not found on PATH; run this inside 3D Slicer."))
+        return exe
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
+        """Install torch (through the PyTorch extension) and the packages of requirements.txt, if missing.
+
+        Nothing is installed without asking when ``askConfirmation`` is True. Raises if the user
+        declines or the PyTorch extension is missing.
+        """
+        try:
+            import PyTorchUtils  # from the PyTorch extension (EXTENSION_DEPENDS PyTorch)
+        except ModuleNotFoundError as e:
+            raise RuntimeError(_("This module needs the 'PyTorch' extension. Install it from the Extensions Manager and restart Slicer.")) from e
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            logging.info("ClinFuseDiff: PyTorch is not installed; asking to install it.")
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.4")
+            if torch is None:
+                raise RuntimeError(_("PyTorch is required. Install it with the PyTorch Utils module and try again."))
+
+        requirementsPath = self.moduleDir() / "Resources" / "requirements.txt"
+        pydeps = self._packagingModule()
+        if pydeps is not None:  # Slicer 5.12+: check, ask, install, offer a restart
+            import inspect
+
+            kwargs = {"requester": "ClinFuseDiff"}
+            if "prompt_install" in inspect.signature(pydeps.pip_ensure).parameters:
+                kwargs["prompt_install"] = askConfirmation
+            pydeps.pip_ensure(pydeps.load_requirements(requirementsPath), **kwargs)
+            return
+        # Older Slicer: check by distribution name, ask, then slicer.util.pip_install.
+        missing = self.missingRequirements(requirementsPath)
+        if not missing:
+            return
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                _("ClinFuseDiff needs these Python packages, which will be downloaded and installed now:\n{pkgs}").format(pkgs="\n".join(missing)),
+                windowTitle=_("Install Python packages")):
+            raise RuntimeError(_("Installation of the required Python packages was declined."))
+        slicer.util.pip_install(missing)
+
+    @staticmethod
+    def _packagingModule():
+        """Slicer's packaging helpers (``pip_ensure``/``load_requirements``) where this Slicer has them."""
+        import importlib
+
+        for name in ("slicer.packaging", "slicer.pydeps"):
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
+                return module
+        return None
+
+    @staticmethod
+    def missingRequirements(requirementsPath) -> list:
+        """Lines of requirements.txt whose distribution is not installed or has another version."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            from packaging.requirements import Requirement
+        except ImportError:
+            Requirement = None
+        missing = []
+        for line in pathlib.Path(requirementsPath).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            distName = re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0]
+            try:
+                installed = version(distName)
+            except PackageNotFoundError:
+                missing.append(line)
+                continue
+            if Requirement is not None and installed not in Requirement(line).specifier:
+                missing.append(line)
+        return missing
+
+    def detectDevice(self) -> dict:
+        """``{"torch": version or None, "cuda": bool, "name": str, "memoryGB": float}``.
+
+        torch is imported only if it is already installed; nothing is installed here.
+        """
+        import importlib.util
+
+        info = {"torch": None, "cuda": False, "name": "", "memoryGB": 0.0}
+        if importlib.util.find_spec("torch") is None:
+            return info
+        try:
+            import torch
+        except Exception as e:  # a broken install must not break the GUI
+            logging.warning(f"ClinFuseDiff: torch is installed but fails to import: {e}")
+            return info
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info.update(cuda=True, name=props.name, memoryGB=props.total_memory / 1024**3)
+        return info
+
+    # ------------------------------------------------------------------ inputs
+    def fillVolumesByName(self, parameterNode, overwrite: bool = False) -> dict:
+        """Select, for each empty (or every, if ``overwrite``) selector, a volume whose name matches."""
+        matched = {}
+        if parameterNode is None:
+            return matched
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            if node.IsA("vtkMRMLLabelMapVolumeNode"):
+                continue
+            key = matchModalityName(node.GetName())
+            if key is None or key in matched:
+                continue
+            if overwrite or getattr(parameterNode, f"{key}Volume") is None:
+                setattr(parameterNode, f"{key}Volume", node)
+                setattr(parameterNode, _useFlagName(key), True)
+                matched[key] = node
+        return matched
+
+    def selectedVolumes(self, parameterNode) -> dict:
+        """``{ClinFuseDiffCore modality name: volume node}`` of the ticked, selected modalities."""
+        volumes = {}
+        for name, key in MODALITIES:
+            node = getattr(parameterNode, f"{key}Volume")
+            if getattr(parameterNode, _useFlagName(key)) and node is not None:
+                volumes[name] = node
+        return volumes
+
+    def inputProblem(self, parameterNode) -> Optional[str]:
+        """Why Apply cannot run yet (a sentence for the tooltip), or None when it can."""
+        for name, key in MODALITIES:
+            if getattr(parameterNode, _useFlagName(key)) and getattr(parameterNode, f"{key}Volume") is None:
+                return _("{mod} is ticked but no volume is selected.").format(mod=name)
+        if not self.selectedVolumes(parameterNode):
+            return _("Select and tick at least one image volume.")
+        ckpt = _pathOrNone(parameterNode.checkpointPath)
+        if ckpt is None:
+            return _("Choose a checkpoint file.")
+        if not ckpt.is_file():
+            return _("Checkpoint {path} does not exist.").format(path=ckpt)
+        if parameterNode.useClinical:
+            csv = _pathOrNone(parameterNode.clinicalCsvPath)
+            if csv is None and not parameterNode.clinicalValues.strip():
+                return _("Clinical is ticked: give a CSV file and patient ID, or type values.")
+            if csv is not None and not parameterNode.clinicalPatientId.strip():
+                return _("Give the patient ID of the CSV row.")
+        return None
+
+    @staticmethod
+    def writeVolume(node, path: pathlib.Path) -> None:
+        """Write a volume without changing the node's own storage node (as SlicerTotalSegmentator does)."""
+        if node.GetParentTransformNode() is not None:
+            raise ValueError(_("Volume '{name}' is under a transform. Harden the transform (Data module, right-click, Harden transform) and try again.").format(name=node.GetName()))
+        storageNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storageNode.SetFileName(str(path))
+        storageNode.UseCompressionOff()
+        ok = storageNode.WriteData(node)
+        storageNode.UnRegister(None)
+        if not ok:
+            raise RuntimeError(_("Could not write volume '{name}' to {path}.").format(name=node.GetName(), path=path))
+
+    def buildCommand(self, parameterNode, workDir: pathlib.Path, outputDir: pathlib.Path) -> tuple:
+        """Write the inputs to ``workDir`` and return (command line, environment additions)."""
+        problem = self.inputProblem(parameterNode)
+        if problem:
+            raise ValueError(problem)
+        inputDir = workDir / "input"
+        inputDir.mkdir(parents=True, exist_ok=True)
+        cmd = [self.pythonSlicerExecutable(), "-m", "ClinFuseDiffCore.cli", "infer",
+               "--checkpoint", str(_pathOrNone(parameterNode.checkpointPath))]
+        for name, node in self.selectedVolumes(parameterNode).items():
+            path = inputDir / f"{name}.nrrd"
+            self.writeVolume(node, path)
+            cmd += ["--modality", f"{name}={path}"]
+        if parameterNode.useClinical:
+            csv = _pathOrNone(parameterNode.clinicalCsvPath)
+            if csv is not None:
+                cmd += ["--clinical", str(csv), "--id", parameterNode.clinicalPatientId.strip()]
+            else:
+                values = parseClinicalValues(parameterNode.clinicalValues)
+                pid = parameterNode.clinicalPatientId.strip() or "patient"
+                csvPath = inputDir / "clinical.csv"
+                csvPath.write_text(",".join(["patient_id", *values]) + "\n" + ",".join([pid, *values.values()]) + "\n")
+                cmd += ["--clinical", str(csvPath), "--id", pid]
+        if not parameterNode.useTTT:
+            cmd += ["--no-ttt"]
+        elif parameterNode.tttSteps > 0:
+            cmd += ["--ttt-steps", str(parameterNode.tttSteps)]
+        cmd += ["--samples", str(parameterNode.numSamples)]
+        device = parameterNode.device.value
+        env = {"PYTHONPATH": os.pathsep.join([str(self.corePythonPath()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               "PYTHONUNBUFFERED": "1"}
+        if device == "auto":
+            device = "cuda" if self.detectDevice()["cuda"] else "cpu"
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = "-1"
+        cmd += ["--device", device, "--out", str(outputDir)]
+        return cmd, env
+
+    # ------------------------------------------------------------------ running
+    def isRunning(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def process(self, parameterNode, waitForCompletion: bool = True,
+                logCallback: Optional[Callable[[str], None]] = None,
+                progressCallback: Optional[Callable[[int, str], None]] = None,
+                completedCallback: Optional[Callable[[int, Optional[str]], None]] = None) -> None:
+        """Run ``clinfusediff infer`` on the parameter node's inputs and load its results.
+
+        Args:
+            parameterNode: a ClinFuseDiffParameterNode.
+            waitForCompletion: block until done (scripts, tests) or return at once and poll
+                with a QTimer (GUI); cancel with :meth:`cancel`.
+            logCallback: receives each output line of the subprocess.
+            progressCallback: receives (percent, message) from its PROGRESS lines.
+            completedCallback: receives (return code, error text or None) after the results were
+                loaded (or loading failed).
+        Raises (blocking mode): RuntimeError with the command's error output if it fails.
+        """
+        if self.isRunning():
+            raise RuntimeError(_("An inference is already running; cancel it first."))
+        self.wasCancelled = False
+        keepFolder = _pathOrNone(parameterNode.outputFolder)
+        workDir = pathlib.Path(tempfile.mkdtemp(prefix="ClinFuseDiff-", dir=slicer.app.temporaryPath))
+        outputDir = keepFolder if keepFolder is not None else workDir / "output"
+        try:
+            cmd, env = self.buildCommand(parameterNode, workDir, outputDir)
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        referenceVolume = next(iter(self.selectedVolumes(parameterNode).values()))
+        self._job = dict(parameterNode=parameterNode, workDir=workDir, outputDir=outputDir,
+                         referenceVolume=referenceVolume, logCallback=logCallback,
+                         progressCallback=progressCallback, completedCallback=completedCallback,
+                         lines=[], startTime=time.time())
+        logging.info("ClinFuseDiff: running " + " ".join(cmd))
+        self._proc = slicer.util.launchConsoleProcess(cmd, updateEnvironment=env)
+        self._queue = queue.Queue()
+        self._reader = threading.Thread(target=self._readOutput, args=(self._proc, self._queue), daemon=True)
+        self._reader.start()
+        if waitForCompletion:
+            while self._poll():
+                slicer.app.processEvents()
+                time.sleep(self.POLL_INTERVAL_MS / 1000.0)
+            job = self._lastJob
+            if job["returnCode"] != 0:
+                raise RuntimeError(job["error"] or _("clinfusediff infer failed with exit code {code}.").format(code=job["returnCode"]))
+        else:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(self.POLL_INTERVAL_MS)
+            self._timer.timeout.connect(self._poll)
+            self._timer.start()
+
+    @staticmethod
+    def _readOutput(proc, outQueue) -> None:
+        """Reader thread: forward each output line to the queue (the GUI thread reads it)."""
+        while True:
+            try:
+                line = proc.stdout.readline()
+            except UnicodeDecodeError:
+                continue
+            if not line:
+                break
+            outQueue.put(line.rstrip())
+
+    def _emit(self, line: str) -> None:
+        job = self._job
+        job["lines"].append(line)
+        progress = parseProgressLine(line)
+        if progress is not None:
+            if job["progressCallback"]:
+                job["progressCallback"](*progress)
+            return
+        if job["logCallback"]:
+            job["logCallback"](line)
+        else:
+            logging.info(line)
+
+    def _poll(self) -> bool:
+        """Forward queued output; when the process has ended, load the results. True while running."""
+        while True:
+            try:
+                self._emit(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if self._proc.poll() is None or self._reader.is_alive():
+            return True
+        self._finish(self._proc.returncode)
+        return False
+
+    def _finish(self, returnCode: int) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        job, self._job = self._job, None
+        self._proc = None
+        error = None
+        if self.wasCancelled:
+            returnCode = returnCode or -1
+            error = _("Cancelled by the user.")
+        elif returnCode != 0:
+            tail = [ln for ln in job["lines"] if ln.strip()][-15:]
+            error = "\n".join(tail)
+        else:
+            try:
+                self.importResults(job["outputDir"], job["referenceVolume"], job["parameterNode"])
+                elapsed = time.time() - job["startTime"]
+                kept = job["outputDir"] != job["workDir"] / "output"
+                message = _("Finished in {s:.1f} s.").format(s=elapsed)
+                if kept:
+                    message += " " + _("Files (prediction.json, segmentation, report.png): {out}").format(out=job["outputDir"])
+                (job["logCallback"] or logging.info)(message)
+            except Exception as e:
+                import traceback
+
+                returnCode, error = 1, _("Loading the results failed: {err}").format(err=e) + "\n" + traceback.format_exc()
+        if returnCode == 0 or job["outputDir"] != job["workDir"] / "output":
+            shutil.rmtree(job["workDir"], ignore_errors=True)  # inputs (and temporary outputs)
+        else:
+            logging.info(f"ClinFuseDiff: inputs and partial outputs kept for inspection in {job['workDir']}")
+        job.update(returnCode=returnCode, error=error)
+        self._lastJob = job
+        if job["completedCallback"]:
+            job["completedCallback"](returnCode, error)
+
+    def cancel(self) -> None:
+        """Stop the running subprocess and its children (PythonSlicer is a launcher)."""
+        if not self.isRunning():
+            return
+        self.wasCancelled = True
+        proc = self._proc
+        try:
+            import psutil
+
+            parent = psutil.Process(proc.pid)
+            for child in parent.children(recursive=True):
+                child.kill()
+            parent.kill()
+        except ImportError:
+            proc.kill()
+        except Exception as e:  # already gone
+            logging.debug(f"ClinFuseDiff: cancel: {e}")
+
+    # ------------------------------------------------------------------ results
+    def importResults(self, outputDir, referenceVolume, parameterNode) -> None:
+        """Load ``*.seg.nrrd`` into the output segmentation and ``prediction.json`` into the table."""
+        outputDir = pathlib.Path(outputDir)
+        segFiles = sorted(outputDir.glob("*.seg.nrrd"))
+        predictionFile = outputDir / "prediction.json"
+        if not predictionFile.exists():
+            raise RuntimeError(_("{path} was not written.").format(path=predictionFile))
+        record = json.loads(predictionFile.read_text())
+
+        if segFiles:
+            segNode = parameterNode.outputSegmentation
+            if segNode is None:
+                segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{referenceVolume.GetName()} ClinFuseDiff segmentation")
+                parameterNode.outputSegmentation = segNode
+            self.loadSegmentationInto(segFiles[0], segNode, referenceVolume)
+
+        tableNode = parameterNode.outputTable
+        if tableNode is None:
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{referenceVolume.GetName()} ClinFuseDiff prediction")
+            parameterNode.outputTable = tableNode
+        self.fillPredictionTable(record, tableNode)
+        self.showResults(referenceVolume, parameterNode.outputSegmentation, tableNode)
+
+    @staticmethod
+    def loadSegmentationInto(path, segmentationNode, referenceVolume) -> None:
+        """Read a ``.seg.nrrd`` (names and colours from the file) into an existing segmentation node."""
+        loaded = slicer.util.loadSegmentation(str(path))
+        try:
+            segmentationNode.GetSegmentation().DeepCopy(loaded.GetSegmentation())
+        finally:
+            slicer.mrmlScene.RemoveNode(loaded)
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.CreateClosedSurfaceRepresentation()
+
+    @staticmethod
+    def fillPredictionTable(record: dict, tableNode) -> None:
+        """One row per quantity: (section, name, value, lower, upper).
+
+        Sections: ``prediction`` (predicted class / risk / value), ``probability`` (each class,
+        with its 95 % interval over the K samples), ``uncertainty`` (std, entropy, mutual
+        information), ``contribution`` (each modality used), ``missing`` (modalities absent).
+        """
+        rows = []
+        pred = record.get("prediction", {})
+        task = record.get("task")
+        nan = float("nan")
+        if task == "classification":
+            top = pred["predicted_class"]
+            rows.append(("prediction", top, pred["probabilities"][top], *pred["probability_interval"][top]))
+            for name in pred["class_names"]:
+                rows.append(("probability", name, pred["probabilities"][name], *pred["probability_interval"][name]))
+        else:
+            key = "risk" if task == "survival" else "value"
+            rows.append(("prediction", key, pred[key], *pred[f"{key}_interval"]))
+        for name, value in (record.get("uncertainty") or {}).items():
+            rows.append(("uncertainty", name, nan if value is None else value, nan, nan))
+        for name, value in (record.get("contributions") or {}).items():
+            rows.append(("contribution", name, value, nan, nan))
+        for name in (record.get("modalities") or {}).get("missing", []):
+            rows.append(("missing", name, nan, nan, nan))
+
+        table = tableNode.GetTable()
+        tableNode.RemoveAllColumns()
+        columns = [vtk.vtkStringArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
+        for column, title in zip(columns, ["Section", "Name", "Value", "95% lower", "95% upper"]):
+            column.SetName(title)
+            table.AddColumn(column)
+        table.SetNumberOfRows(len(rows))
+        for r, row in enumerate(rows):
+            for c, value in enumerate(row):
+                table.SetValue(r, c, vtk.vtkVariant(str(value) if c < 2 else float(value)))
+        tableNode.Modified()
+        tableNode.SetAttribute("ClinFuseDiff.patient_id", str(record.get("patient_id", "")))
+        tableNode.SetAttribute("ClinFuseDiff.checkpoint_sha256", str((record.get("model") or {}).get("checkpoint_sha256", "")))
+
+    @staticmethod
+    def showResults(referenceVolume, segmentationNode, tableNode) -> None:
+        if not slicer.app.layoutManager():  # no main window (testing)
+            return
+        slicer.util.setSliceViewerLayers(background=referenceVolume, fit=True)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+    # ------------------------------------------------------------------ self-test helper
+    def trainTinyCheckpoint(self, folder, logCallback: Optional[Callable[[str], None]] = None) -> pathlib.Path:
+        """Train a tiny checkpoint on a tiny synthetic cohort in a PythonSlicer subprocess (CPU, ~1 min).
+
+        Used by the self-test; calls ``clinfusediff train`` with the demo config shrunk.
+        """
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [self.pythonSlicerExecutable(), "-m", "ClinFuseDiffCore.cli", *tinyTrainArguments(folder)]
+        env = {"PYTHONPATH": str(self.corePythonPath()), "CUDA_VISIBLE_DEVICES": "-1", "PYTHONUNBUFFERED": "1"}
+        proc = slicer.util.launchConsoleProcess(cmd, updateEnvironment=env)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            (logCallback or logging.info)(line.rstrip())
+        proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError("training the test checkpoint failed:\n" + "\n".join(lines[-20:]))
+        found = sorted(folder.rglob("*.pt"))
+        if not found:
+            raise RuntimeError(f"training wrote no .pt checkpoint under {folder}")
+        best = [p for p in found if p.name in ("best.pt", "model.pt")]
+        return (best or found)[-1]
+
+
+#
+# ClinFuseDiffTest
+#
+
+
+class ClinFuseDiffTest(ScriptedLoadableModuleTest):
+    """Self-test: synthetic volumes in the scene -> tiny checkpoint -> Logic on CPU -> nodes checked.
+
+    Run inside Slicer (Developer mode: Reload and Test), or:
+    Slicer --no-main-window --testing --additional-module-paths <repo>/ClinFuseDiff --python-code
+      "import slicer.testing; slicer.testing.runUnitTest(['<repo>/ClinFuseDiff'], 'ClinFuseDiff')"
+    Needs torch (PyTorch extension) and the requirements already installed.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_NameMatching()
+        self.setUp()
+        self.test_BadInputsRejected()
+        self.setUp()
+        self.test_InferenceOnSyntheticVolumes()
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _syntheticVolumes():
+        """Two volumes (T1-like, FLAIR-like) of a bright ellipsoid 'brain', oblique LPS-like geometry."""
+        import numpy as np
+
+        shape_kji = (40, 48, 44)
+        k, j, i = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape_kji], indexing="ij")
+        brain = (i / 0.75) ** 2 + (j / 0.8) ** 2 + (k / 0.7) ** 2 < 1.0
+        lesion = (i - 0.3) ** 2 + (j + 0.1) ** 2 + k**2 < 0.06
+        rng = np.random.default_rng(0)
+        t1 = (brain * 600.0 - lesion * 200.0 + rng.normal(0, 15, shape_kji)).astype(np.float32)
+        flair = (brain * 400.0 + lesion * 500.0 + rng.normal(0, 15, shape_kji)).astype(np.float32)
+        theta = np.deg2rad(12.0)
+        rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+        ijkToRas = np.eye(4)
+        ijkToRas[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ rot @ np.diag([2.0, 2.0, 2.5])
+        ijkToRas[:3, 3] = [40.0, 50.0, -45.0]
+        nodes = {}
+        for name, arr in (("case1_t1", t1), ("case1_flair", flair)):
+            node = slicer.util.addVolumeFromArray(arr, ijkToRAS=ijkToRas, name=name)
+            nodes[name] = node
+        return nodes, brain
+
+    # ---------------------------------------------------------------- tests
+    def test_NameMatching(self):
+        self.delayDisplay("Volume name matching")
+        cases = {"BraTS2021_00001_t1ce": "t1ce", "BraTS2021_00001_t1": "t1", "sub-01_T2w": "t2",
+                 "T2-FLAIR axial": "flair", "CT head": "ct", "FDG PET": "pet", "Segmentation": None}
+        for name, expected in cases.items():
+            self.assertEqual(matchModalityName(name), expected, name)
+        nodes, _brain = self._syntheticVolumes()
+        logic = ClinFuseDiffLogic()
+        p = logic.getParameterNode()
+        matched = logic.fillVolumesByName(p, overwrite=True)
+        self.assertEqual(set(matched), {"t1", "flair"})
+        self.assertTrue(p.useT1 and p.useFlair and not p.useCt)
+        self.assertEqual(set(logic.selectedVolumes(p)), {"mri_t1", "mri_flair"})
+
+    def test_BadInputsRejected(self):
+        self.delayDisplay("Bad inputs are rejected with a clear message")
+        nodes, _brain = self._syntheticVolumes()
+        logic = ClinFuseDiffLogic()
+        p = logic.getParameterNode()
+        logic.fillVolumesByName(p, overwrite=True)
+        p.checkpointPath = pathlib.Path(slicer.app.temporaryPath) / "does-not-exist.pt"
+        self.assertIn("does not exist", logic.inputProblem(p))
+        with self.assertRaises(ValueError):
+            logic.process(p)
+        p.useClinical = True
+        p.clinicalValues = "age 63"
+        with self.assertRaises(ValueError):
+            parseClinicalValues(p.clinicalValues)
+
+    def test_InferenceOnSyntheticVolumes(self):
+        import numpy as np
+
+        self.delayDisplay("Training a tiny checkpoint (CPU, about a minute)")
+        nodes, brain = self._syntheticVolumes()
+        logic = ClinFuseDiffLogic()
+        workDir = pathlib.Path(tempfile.mkdtemp(prefix="ClinFuseDiffTest-", dir=slicer.app.temporaryPath))
+        checkpoint = logic.trainTinyCheckpoint(workDir / "train")
+
+        self.delayDisplay("Running inference with the Logic on CPU")
+        p = logic.getParameterNode()
+        logic.fillVolumesByName(p, overwrite=True)
+        p.checkpointPath = checkpoint
+        p.device = ComputeDevice.cpu
+        p.numSamples = 4
+        p.useTTT = True
+        p.tttSteps = 2
+        p.outputFolder = workDir / "out"
+        progress = []
+        logic.process(p, waitForCompletion=True, progressCallback=lambda pc, msg: progress.append(pc))
+        self.assertTrue(progress and progress[-1] == 100, f"progress reports: {progress}")
+
+        # Output files
+        for name in ("prediction.json", "report.png"):
+            self.assertTrue((workDir / "out" / name).exists(), name)
+
+        # Segmentation: on the reference geometry, named segments, overlapping the synthetic brain.
+        segNode = p.outputSegmentation
+        self.assertIsNotNone(segNode)
+        segmentation = segNode.GetSegmentation()
+        self.assertGreaterEqual(segmentation.GetNumberOfSegments(), 1)
+        segmentId = segmentation.GetSegmentIdBySegmentName("brain")
+        self.assertTrue(segmentId, "no segment named 'brain'")
+        reference = nodes["case1_t1"]
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentId, reference)
+        self.assertEqual(mask.shape, slicer.util.arrayFromVolume(reference).shape)
+        inter = np.logical_and(mask > 0, brain).sum()
+        dice = 2.0 * inter / max(1, (mask > 0).sum() + brain.sum())
+        self.assertGreater(dice, 0.6, f"brain mask does not line up with the input (Dice {dice:.2f})")
+
+        # Table: probabilities sum to 1, uncertainty present, contributions only for used modalities.
+        table = p.outputTable
+        self.assertIsNotNone(table)
+        sections = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
+        names = [table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())]
+        values = [float(table.GetCellText(r, 2)) for r in range(table.GetNumberOfRows())]
+        probs = [v for s, v in zip(sections, values) if s == "probability"]
+        self.assertGreaterEqual(len(probs), 2)
+        self.assertAlmostEqual(sum(probs), 1.0, places=3)
+        self.assertIn("prediction", sections)
+        unc = {n: v for s, n, v in zip(sections, names, values) if s == "uncertainty"}
+        self.assertEqual(set(unc), {"std", "entropy", "mutual_information"})
+        self.assertTrue(all(np.isfinite(v) and v >= 0 for v in unc.values()), unc)
+        contributed = {n for s, n in zip(sections, names) if s == "contribution"}
+        self.assertTrue(contributed and contributed <= {"mri_t1", "mri_flair"}, contributed)
+        self.assertIn("ct", {n for s, n in zip(sections, names) if s == "missing"})
+        shutil.rmtree(workDir, ignore_errors=True)
+        self.delayDisplay("Test passed")
