@@ -180,14 +180,14 @@ class TabularTable:
             absent = [c for c in columns if c not in header]
             if absent:
                 raise ValueError(f"{source}: configured columns {absent} of {name!r} are not in the "
-                                 f"file; columns found: {list(header)}")
+                                 f"file; columns found: {list(header)}. Fix data.tabular.{name}.columns")
             cols = [c for c in columns if c != id_column]
         else:
             cols = [c for c in header if c != id_column]
         bad_cat = [c for c in categorical if c not in cols]
         if bad_cat:
             raise ValueError(f"{source}: categorical columns {bad_cat} of {name!r} are not feature "
-                             f"columns; feature columns: {cols}")
+                             f"columns; feature columns: {cols}. Fix data.tabular.{name}.categorical")
         if not cols:
             raise ValueError(f"{source}: no feature columns besides {id_column!r}; a tabular "
                              "modality needs at least one")

@@ -146,6 +146,8 @@ class Volume:
                 reader.SetOutputPixelType(sitk.sitkFloat32)  # rescale slope/intercept applied
                 image = reader.Execute()
             else:
+                if path.name.lower().endswith((".nii", ".nii.gz")):
+                    _check_nifti_data(path)  # ITK zero-fills truncated data and NaN voxels
                 image = sitk.ReadImage(str(path), sitk.sitkFloat32)
         except (RuntimeError, ValueError) as e:
             msg = str(e).strip().splitlines()
@@ -225,6 +227,26 @@ class Volume:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _check_nifti_data(path: Path) -> None:
+    """Raise ValueError if a NIfTI file's data are truncated or hold NaN/Inf voxels.
+
+    ITK (SimpleITK, Slicer) reads a truncated ``.nii``/``.nii.gz`` without error, filling the
+    rest with zeros, and turns NaN voxels into 0 (checked with SimpleITK 2.5); nibabel does
+    neither, so the SimpleITK path reads the data once with nibabel to refuse such files too.
+    """
+    import nibabel as nib
+
+    try:
+        data = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = ~np.isfinite(data)
+        first = tuple(int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(f"{int(bad.sum())} NaN/Inf voxel(s) (first at voxel {first}) — ITK would "
+                         "silently turn them into 0; fix or re-export the image")
+
+
 def nifti_affine(img, source: str = "<nifti>") -> tuple[np.ndarray, str]:
     """The voxel->RAS affine ITK (and so Slicer and SimpleITK) uses for a NIfTI image.
 
