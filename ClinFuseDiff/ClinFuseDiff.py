@@ -187,7 +187,7 @@ def parseClinicalValues(text: str) -> dict:
             continue
         if "=" not in part:
             raise ValueError(_("Clinical value '{part}' is not of the form name=value (e.g. age=63).").format(part=part))
-        name, value = (p.strip() for p in part.split("=", 1))
+        name, value = (piece.strip() for piece in part.split("=", 1))
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ .-]*", name):
             raise ValueError(_("Clinical variable name '{name}' is not allowed; use letters, digits and _.").format(name=name))
         if name in values:
@@ -884,7 +884,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         found = sorted(folder.rglob("*.pt"))
         if not found:
             raise RuntimeError(f"training wrote no .pt checkpoint under {folder}")
-        best = [p for p in found if p.name in ("best.pt", "model.pt")]
+        best = [ckpt for ckpt in found if ckpt.name in ("best.pt", "model.pt")]
         return (best or found)[-1]
 
 
