@@ -287,3 +287,24 @@ def test_check_overlap():
         check_overlap({"x": a, "y": Volume(a.array, touch)})
     with pytest.raises(ValueError, match="do not overlap"):
         check_overlap({"x": a, "y": Volume(a.array, shifted)}, min_fraction=0.5)
+
+
+def test_agreeing_qform_and_sform_do_not_warn(tmp_path, caplog):
+    path = tmp_path / "same.nii.gz"
+    img = nib.Nifti1Image(_data((5, 6, 7)), CASES["oblique"])
+    img.set_qform(CASES["oblique"], code=1)
+    img.set_sform(CASES["oblique"], code=2)
+    nib.save(img, path)
+    hdr = nib.load(path).header
+    assert int(hdr["qform_code"]) > 0 and int(hdr["sform_code"]) > 0
+    with caplog.at_level(logging.WARNING):
+        v = Volume.from_nifti(path)
+    assert not caplog.records
+    np.testing.assert_allclose(v.affine, CASES["oblique"], atol=1e-5)
+
+
+def test_slicer_array_with_singleton_time_axis():
+    data = _data((5, 6, 7))
+    kji = data.transpose(2, 1, 0)[None]  # (1, K, J, I)
+    v = Volume.from_slicer_array(kji, CASES["permuted"])
+    np.testing.assert_array_equal(v.array, data)
