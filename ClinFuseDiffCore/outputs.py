@@ -549,7 +549,7 @@ def render_report(
         iv = np.array([pred["probability_interval"][c] for c in cls])  # (C, 2)
         y = np.arange(len(cls))
         bar_colors = ["#d62728" if i == pred["predicted_index"] else "#9e9e9e" for i in y]
-        ax_p.barh(y, p, color=bar_colors, alpha=0.85, height=0.6)
+        ax_p.barh(y, p, color=bar_colors, height=0.6)
         ax_p.errorbar(p, y, xerr=np.abs(np.stack([p - iv[:, 0], iv[:, 1] - p])), fmt="none",
                       ecolor="black", capsize=5, lw=1.5)
         ax_p.set_yticks(y)
