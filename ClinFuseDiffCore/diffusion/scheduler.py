@@ -83,8 +83,8 @@ class NoiseScheduler:
             ``"cosine"`` (Nichol & Dhariwal).
         prediction_type: what the network predicts: ``"epsilon"`` (the noise), ``"sample"``
             (x_0) or ``"v_prediction"`` (v, eq. 4).
-        beta_start: first beta of the linear schedule.
-        beta_end: last beta of the linear schedule.
+        beta_start: first beta of the linear schedule (for T = 1000; scaled by 1000 / T).
+        beta_end: last beta of the linear schedule (for T = 1000; scaled by 1000 / T).
         clip_sample: clamp the x_0 estimate to ``[-clip_sample_range, clip_sample_range]``.
         clip_sample_range: bound used by ``clip_sample``.
 
@@ -124,8 +124,13 @@ class NoiseScheduler:
         self.clip_sample_range = float(clip_sample_range)
 
         if beta_schedule == "linear":
-            # (1) linearly spaced betas (Ho et al. use 1e-4 .. 0.02 for T = 1000).
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+            # (1) linearly spaced betas. Ho et al. use 1e-4 .. 0.02 for T = 1000; as in Nichol &
+            # Dhariwal's code they are scaled by 1000 / T, so that alpha_bar_{T-1} ~ 0 for any T
+            # (unscaled, T = 200 would end at alpha_bar = 0.13: sampling would start off-distribution).
+            scale = 1000.0 / num_train_timesteps
+            betas = torch.linspace(
+                beta_start * scale, min(beta_end * scale, 0.999), num_train_timesteps, dtype=torch.float64
+            )
         else:
             betas = _cosine_betas(num_train_timesteps)
         self.betas = betas.float()  # (T,)  (1)
