@@ -13,14 +13,15 @@ Steps (``cfg`` is :class:`~ClinFuseDiffCore.config.PreprocessingConfig`):
    (their fields of view share at least ``cfg.min_overlap`` of the smaller one), else a
    ``ValueError`` naming both modalities and files.
 2. Reference modality: ``cfg.mask_modality`` when the patient has it, else the mask backend's
-   preferred modality (``segmentation.choose_modality``). Its field of view, resampled onto an
-   axis-aligned RAS grid at ``cfg.spacing``, is the *working grid*.
-3. Brain mask on the working grid from the segmentation backend ``cfg.mask_backend``
-   (``"none"``: the whole field of view).
-4. Output grid: the brain bounding box + ``cfg.crop_margin`` voxels, padded symmetrically to
-   ``cfg.target_shape`` on the working grid's own voxel lattice (the same result as MONAI's
-   ``CropForeground`` + ``ResizeWithPadOrCrop``, as an exact index shift). A box larger than the
-   target is either fitted by coarsening the spacing uniformly (``cfg.fit="resize"``) or cut
+   preferred modality (``segmentation.choose_modality``).
+3. Brain mask of the reference from the segmentation backend ``cfg.mask_backend`` (``"none"``:
+   the whole field of view), computed on the reference's own grid, or on an axis-aligned RAS grid
+   at ``cfg.spacing`` when the reference is finer than that (cheaper, and the output cannot
+   resolve more).
+4. Output grid: the brain's RAS bounding box + ``cfg.crop_margin`` output voxels, centred in
+   ``cfg.target_shape`` voxels at ``cfg.spacing`` (symmetric padding, as MONAI's
+   ``CropForeground`` + ``ResizeWithPadOrCrop``). A box larger than the target is either fitted by
+   coarsening the spacing uniformly (``cfg.fit="resize"``, recorded in ``info["scale"]``) or cut
    centrally (``"crop"``).
 5. Every modality is resampled ONCE from its original grid onto the output grid (SimpleITK,
    linear; labelmaps nearest). One interpolation per image, and the geometry is exact: the output
@@ -29,7 +30,7 @@ Steps (``cfg`` is :class:`~ClinFuseDiffCore.config.PreprocessingConfig`):
    CT maps the HU window ``cfg.ct_window`` to 0..1; both clipped. ``cfg.skull_strip`` zeroes
    voxels outside the mask.
 
-Why SimpleITK and not MONAI's ``Orientation``/``Spacing``: steps 2-5 fold orientation, spacing,
+Why SimpleITK and not MONAI's ``Orientation``/``Spacing``: steps 4-5 fold orientation, spacing,
 crop and pad into one resampling per image with an explicit output grid; MONAI's ``Spacing`` is
 ~6x slower than SimpleITK here (docs/LIBRARY_NOTES) and chains several interpolations. The
 percentile normalisation is computed inside the brain mask, which MONAI's
@@ -262,38 +263,54 @@ def _ras_grid(box: tuple[np.ndarray, np.ndarray], spacing: np.ndarray) -> tuple[
     return affine, shape  # type: ignore[return-value]
 
 
-def _output_grid(work_affine: np.ndarray, work_shape: tuple[int, int, int],
-                 mask: Optional[np.ndarray], cfg: PreprocessingConfig) -> tuple[np.ndarray, dict]:
-    """The output grid's affine (4, 4) from the brain box on the working grid."""
-    target = np.array(cfg.target_shape, dtype=np.int64)
-    if mask is not None and cfg.crop_to_brain:
-        idx = []
+def mask_box(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned RAS box (low (3,), high (3,)) in mm around the voxels of ``mask`` (I, J, K)
+    on the grid ``affine`` (any orientation; voxel edges included)."""
+    lin = affine[:3, :3]
+    if np.count_nonzero(np.abs(lin) > 1e-9 * np.abs(lin).max()) == 3:
+        # Axes along R, A, S (flipped or permuted): the index box's corners are exact.
+        ends = []
         for ax in range(3):
-            other = tuple(a for a in range(3) if a != ax)
-            nz = np.flatnonzero(mask.any(axis=other))
-            idx.append((nz[0], nz[-1]))
-        lo = np.array([a for a, _ in idx]) - cfg.crop_margin
-        extent = np.array([b - a + 1 for a, b in idx]) + 2 * cfg.crop_margin
+            nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+            ends.append((nz[0], nz[-1]))
+        idx = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
     else:
-        lo = np.zeros(3, dtype=np.int64)
-        extent = np.array(work_shape, dtype=np.int64)
-    spacing = np.sqrt((work_affine[:3, :3] ** 2).sum(axis=0))
-    fits = bool(np.all(extent <= target))
-    if fits or cfg.fit == "crop":
-        # Pad (or cut) symmetrically on the working lattice: floor(diff/2) before, rest after,
-        # as MONAI's ResizeWithPadOrCrop does. The output voxels coincide with working voxels.
-        start = np.where(extent <= target, lo - (target - extent) // 2, lo + (extent - target) // 2)
-        origin = (work_affine @ np.array([*start, 1.0]))[:3]
-        out_spacing = spacing
-        scale = 1.0
-    else:
-        scale = float(np.max(extent / target))
-        out_spacing = spacing * scale
-        centre = (work_affine @ np.array([*(lo + (extent - 1) / 2.0), 1.0]))[:3]
-        origin = centre - (target - 1) / 2.0 * out_spacing
+        idx = np.argwhere(mask)  # (N, 3) every voxel of an oblique grid
+    ras = idx @ lin.T + affine[:3, 3]  # (N, 3) voxel centres
+    half = 0.5 * np.abs(affine[:3, :3]).sum(axis=1)  # (3,) half a voxel along R, A, S
+    return ras.min(axis=0) - half, ras.max(axis=0) + half
+
+
+def _output_grid(box: tuple[np.ndarray, np.ndarray], cfg: PreprocessingConfig
+                 ) -> tuple[np.ndarray, dict]:
+    """The output grid's affine (4, 4): ``cfg.target_shape`` voxels centred on ``box`` (+margin).
+
+    Fits at ``cfg.spacing``: that spacing (symmetric padding, as MONAI's ResizeWithPadOrCrop).
+    Too large: ``fit="resize"`` scales the spacing uniformly until the box fits; ``"crop"``
+    keeps the spacing and cuts centrally.
+    """
+    target = np.array(cfg.target_shape, dtype=np.float64)
+    spacing = np.asarray(cfg.spacing, dtype=np.float64)
+    lo, hi = box
+    extent = (hi - lo) / spacing + 2 * cfg.crop_margin  # (3,) in output voxels
+    fits = bool(np.all(extent <= target + 1e-6))
+    scale = 1.0 if fits or cfg.fit == "crop" else float(np.max(extent / target))
+    out_spacing = spacing * scale
+    origin = (lo + hi) / 2.0 - (target - 1) / 2.0 * out_spacing  # centre of voxel 0
     affine = np.diag([*out_spacing, 1.0])
     affine[:3, 3] = origin
-    return affine, {"box_extent_voxels": extent.tolist(), "fits": fits, "scale": scale}
+    return affine, {"box_mm": [lo.tolist(), hi.tolist()],
+                    "box_extent_voxels": np.round(extent, 2).tolist(), "fits": fits,
+                    "scale": scale}
+
+
+def _mask_grid(vol: Volume, cfg: PreprocessingConfig) -> Optional[tuple[np.ndarray, tuple[int, int, int]]]:
+    """Where the brain mask is computed: None = the volume's own grid (when its voxels are no
+    finer than ``cfg.spacing``), else an axis-aligned RAS grid at ``cfg.spacing`` over its field
+    of view (cheaper for the backend, and the output cannot resolve more)."""
+    if np.all(vol.spacing >= 0.99 * np.min(cfg.spacing)):
+        return None
+    return _ras_grid(fov_box(vol.affine, vol.shape), np.asarray(cfg.spacing, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,35 +464,39 @@ def preprocess_patient(
                 f"{np.round(boxes[ref], 1).tolist()}); register the images to one space first, "
                 "or lower preprocessing.min_overlap")
 
-    # 2-3. Working grid and brain mask.
-    spacing = np.asarray(cfg.spacing, dtype=np.float64)
+    # 2-3. Brain mask of the reference modality, on its own grid or a coarser RAS one.
     images_sitk = {m: v.to_sitk() for m, v in vols.items()}
     defaults = {m: float(v.array.min()) for m, v in vols.items()}
-    work_affine, work_shape = _ras_grid(boxes[ref], spacing)
-    work_mask: Optional[np.ndarray] = None
+    mask_vol: Optional[Volume] = None
     mask_note = "none"
     if cfg.mask_backend != "none":
         if backend is None:
             backend = make_backend(cfg)
-        work = Volume(_resample(vols[ref], work_affine, work_shape, "linear", defaults[ref],
-                                image=images_sitk[ref]), work_affine, source=vols[ref].source)
-        work_mask = backend.segment(work, ref).brain().astype(np.uint8)  # (I, J, K) on work grid
+        grid = _mask_grid(vols[ref], cfg)
+        work = vols[ref] if grid is None else Volume(
+            _resample(vols[ref], grid[0], grid[1], "linear", defaults[ref], image=images_sitk[ref]),
+            grid[0], source=vols[ref].source)
+        brain = backend.segment(work, ref).brain()  # (I, J, K) bool on the work grid
         mask_note = getattr(backend, "name", cfg.mask_backend)
-        if not work_mask.any():
+        if brain.any():
+            mask_vol = Volume(brain.astype(np.float32), work.affine, source="brain mask")
+        else:
             log.warning("%s: mask backend %r found no brain voxel in %s; using the whole field "
                         "of view", vols[ref].source, mask_note, ref)
-            work_mask = None
             mask_note += " (empty: whole field of view)"
 
-    # 4. Output grid.
-    out_affine, grid_info = _output_grid(work_affine, work_shape, work_mask, cfg)
+    # 4. Output grid around the brain (or the reference field of view).
+    if mask_vol is not None and cfg.crop_to_brain:
+        box = mask_box(mask_vol.array > 0.5, mask_vol.affine)
+    else:
+        box = boxes[ref]
+    out_affine, grid_info = _output_grid(box, cfg)
     out_shape = tuple(int(t) for t in cfg.target_shape)
-    if work_mask is not None:
-        mask_vol = Volume(work_mask.astype(np.float32), work_affine, source="brain mask")
+    if mask_vol is not None:
         mask = (_resample(mask_vol, out_affine, out_shape, "nearest", 0.0) > 0.5).astype(np.uint8)
     else:
         mask = np.ones(out_shape, dtype=np.uint8)
-    if not mask.any():  # a box that fits always keeps the mask; only "crop" can lose it all
+    if not mask.any():  # only fit="crop" of a box larger than the target can lose it all
         raise ValueError(f"patient {pid!r}: the brain mask falls outside the output grid; use "
                          "preprocessing.fit=resize or a larger target_shape")
     inside = mask.astype(bool)
