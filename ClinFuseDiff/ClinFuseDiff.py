@@ -410,6 +410,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         self._queue = None
         self._reader = None
         self._job = None
+        self._lastJob = None
         self.wasCancelled = False
 
     def getParameterNode(self):
@@ -431,6 +432,17 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
             if (candidate / "ClinFuseDiffCore" / "__init__.py").exists():
                 return candidate
         raise RuntimeError(_("ClinFuseDiffCore was not found next to {path} or in its parent folder; reinstall the extension.").format(path=cls.moduleDir()))
+
+    @classmethod
+    def subprocessEnvironment(cls) -> dict:
+        """Variables added to Slicer's startup environment for the PythonSlicer subprocess.
+
+        ``PYTHONPATH`` gets the folder holding ClinFuseDiffCore first (needed when the module runs
+        from a source tree; harmless when installed, where qt-scripted-modules is on the path).
+        """
+        startup = slicer.util.startupEnvironment().get("PYTHONPATH", "")
+        return {"PYTHONPATH": os.pathsep.join(p for p in (str(cls.corePythonPath()), startup) if p),
+                "PYTHONUNBUFFERED": "1"}
 
     @staticmethod
     def pythonSlicerExecutable() -> str:
@@ -624,8 +636,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
             cmd += ["--ttt-steps", str(parameterNode.tttSteps)]
         cmd += ["--samples", str(parameterNode.numSamples)]
         device = parameterNode.device.value
-        env = {"PYTHONPATH": os.pathsep.join([str(self.corePythonPath()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "PYTHONUNBUFFERED": "1"}
+        env = self.subprocessEnvironment()
         if device == "auto":
             device = "cuda" if self.detectDevice()["cuda"] else "cpu"
         if device == "cpu":
@@ -872,7 +883,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [self.pythonSlicerExecutable(), "-m", "ClinFuseDiffCore.cli", *tinyTrainArguments(folder)]
-        env = {"PYTHONPATH": str(self.corePythonPath()), "CUDA_VISIBLE_DEVICES": "-1", "PYTHONUNBUFFERED": "1"}
+        env = {**self.subprocessEnvironment(), "CUDA_VISIBLE_DEVICES": "-1"}
         proc = slicer.util.launchConsoleProcess(cmd, updateEnvironment=env)
         lines = []
         for line in proc.stdout:
