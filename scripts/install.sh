@@ -21,8 +21,12 @@ spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 # Pin the torch already installed, so no extra (TotalSegmentator, deepbet) swaps it for another.
 if [[ ",$extras," == *",totalseg,"* ]]; then
-  # TotalSegmentator needs torchvision; 0.28 is the release built against torch 2.13.
-  python -m pip install -q -e "$spec" "torch==${TORCH_VERSION}" "torchvision==0.28.0"
+  # TotalSegmentator pulls torchvision (through timm); pin the release built for this torch
+  # (torch 2.MINOR <-> torchvision 0.(MINOR+15): 2.13 -> 0.28), or pip replaces torch. Beside a
+  # CPU-only torch, PyPI's torchvision may fail to import ("torchvision::nms does not exist");
+  # ClinFuseDiff's TotalSegmentator backend never imports it, so that is harmless.
+  TORCH_MINOR=$(echo "$TORCH_VERSION" | cut -d. -f2)
+  python -m pip install -q -e "$spec" "torch==${TORCH_VERSION}" "torchvision==0.$((TORCH_MINOR + 15)).*"
 else
   python -m pip install -q -e "$spec" "torch==${TORCH_VERSION}"
 fi
