@@ -7,7 +7,7 @@ Every batch carries every modality slot of ``cfg.data.modalities`` in that order
       "images":    (B, M_img, 1, D, H, W) float32  # image modalities in cfg order; zeros where absent
       "tabular":   {name: {"num": (B, F_num), "num_missing": (B, F_num), "cat": (B, F_cat) long}}
       "available": (B, M) bool    # after missing-modality simulation (training) — what the model may use
-      "present":   (B, M) bool    # what the patient really has (before simulation)
+      "available_full":   (B, M) bool    # what the patient really has (before simulation)
       "target":    (B,) long (classification) | float (regression, survival: the time)
       "time", "event": (B,) float # survival outcome (NaN where unknown)
       "patient_id": list[str]
@@ -326,7 +326,7 @@ class MultimodalDataset(Dataset):
             "images": torch.from_numpy(images),
             "tabular": tabular,
             "available": torch.from_numpy(available.copy()),
-            "present": torch.from_numpy(present.copy()),
+            "available_full": torch.from_numpy(present.copy()),
             **self._outcome(s),
             "patient_id": s.patient_id,
         }
@@ -395,7 +395,7 @@ class FeatureDataset(Dataset):
         return {
             "tokens": self.tokens[index],  # (M, E)
             "available": torch.from_numpy(available.copy()),
-            "present": torch.from_numpy(present.copy()),
+            "available_full": torch.from_numpy(present.copy()),
             "target": target,
             "time": torch.tensor(float(self.time[index]), dtype=torch.float32),
             "event": torch.tensor(float(self.event[index]), dtype=torch.float32),
@@ -411,7 +411,7 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Returns:
         The batch: tensors gain a leading B axis (``images`` (B, M_img, 1, D, H, W),
-        ``tokens`` (B, M, E), ``available``/``present`` (B, M), ``target``/``time``/``event``
+        ``tokens`` (B, M, E), ``available``/``available_full`` (B, M), ``target``/``time``/``event``
         (B,)), ``tabular`` is stacked per modality and field, ``patient_id`` is a list.
     """
     if not items:
@@ -538,3 +538,189 @@ def load_or_make_split(
          "stratified": labels is not None},
     )
     return split
+
+
+# --------------------------------------------------------------------------------------------
+# From a config to datasets: the cohort used by training
+# --------------------------------------------------------------------------------------------
+PRELOAD_LIMIT_BYTES = 4 * 1024**3  # keep preprocessed volumes in memory below this size
+
+
+@dataclass
+class TrainingCohort:
+    """A cohort ready for training: split, fitted tabular normalisers and the three datasets.
+
+    Attributes:
+        root: the cohort folder (generated under the output folder when ``data.root`` is None).
+        modalities / image_modalities / tabular_modalities: the batch order.
+        tabular_dims: ``{name: TabularDims}``; tabular_state: ``{name: normaliser state}``.
+        split: ``{"train", "val", "test"}`` patient IDs.
+        datasets: ``{"train": MultimodalDataset (simulation + augmentation), "val", "test"}``.
+        skips: patients/rows left out, with the reason.
+    """
+
+    root: Path
+    modalities: list[str]
+    image_modalities: list[str]
+    tabular_modalities: list[str]
+    tabular_dims: dict[str, Any]
+    tabular_state: dict[str, Any]
+    split: dict[str, list[str]]
+    datasets: dict[str, MultimodalDataset]
+    skips: list[Any] = field(default_factory=list)
+
+    def tabular_dims_dict(self) -> dict[str, dict[str, Any]]:
+        return {k: v.to_dict() for k, v in self.tabular_dims.items()}
+
+
+def ensure_cohort_root(cfg, out_dir: str | Path) -> Path:
+    """``cfg.data.root``, or the embedded synthetic cohort generated (once) under ``out_dir``."""
+    if cfg.data.root is not None:
+        return Path(cfg.data.root)
+    from .synth import generate_cohort
+
+    root = Path(out_dir) / "cohort"
+    d = cfg.data
+    generate_cohort(
+        root, n_patients=d.synth_patients, shape=tuple(d.synth_shape), site_shift=d.synth_site_shift,
+        missing_rate=d.synth_missing_rate, seed=d.synth_seed, progress=False,
+    )
+    return root
+
+
+def prepare_cohort(cfg, out_dir: str | Path, dist_info: Any = None, show_progress: bool = True) -> TrainingCohort:
+    """Discover, split, normalise and preprocess a cohort into training/validation/test datasets.
+
+    Steps: the cohort folder (``data.root`` or a generated one) -> ``discovery.load_cohort``
+    (patients, tabular tables, outcomes) -> the patient split (``data.split_file`` or
+    ``<out_dir>/split.json``, reused when present; stratified by label for classification) ->
+    tabular normalisers fitted on the training patients -> preprocessing through the
+    content-addressed cache (``data.cache_dir`` or ``<out_dir>/cache``; a patient whose
+    images cannot be preprocessed is skipped with the reason logged) -> datasets. Training
+    patients whose only possible modality subsets are excluded by
+    ``data.excluded_combinations`` are left out of training (logged).
+
+    Under DDP, rank 0 generates, splits and fills the cache first; the other ranks then read.
+
+    Args:
+        cfg: the full config.
+        out_dir: the run's output folder.
+        dist_info: ``training.distributed.DistInfo`` or None (single process).
+        show_progress: a tqdm bar over preprocessing.
+
+    Returns:
+        The ``TrainingCohort``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..modalities import ModalityRegistry
+    from .cache import PreprocessCache
+    from .discovery import Skip, load_cohort
+    from .tabular import TabularNormalizer
+
+    out_dir = Path(out_dir)
+    rank0 = dist_info is None or dist_info.is_main
+
+    def sync() -> None:
+        if dist_info is not None and dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    d = cfg.data
+    root = ensure_cohort_root(cfg, out_dir) if rank0 else None
+    sync()
+    root = root or ensure_cohort_root(cfg, out_dir)
+    import dataclasses
+
+    data_cfg = dataclasses.replace(d, root=str(root))
+    registry = ModalityRegistry.from_config(d)
+    image_mods, tab_mods = registry.split(d.modalities)
+    cohort = load_cohort(data_cfg, registry)
+    if cohort.outcomes is None:
+        raise FileNotFoundError(
+            f"{root}: training needs an outcome file ({d.outcome_file}) with the "
+            f"{d.task} outcome of every patient; set data.outcome_file"
+        )
+    skips = list(cohort.skips)
+    records = {r.patient_id: r for r in cohort.records}
+
+    # Preprocess (rank 0 fills the cache, the others read it).
+    images: dict[str, dict[str, np.ndarray]] = {}
+    image_names: dict[str, tuple[str, ...]] = {}
+    if image_mods:
+        cache = PreprocessCache(d.cache_dir or out_dir / "cache")
+        if not rank0:
+            sync()
+        with_images = [r for r in cohort.records if r.images]
+        n_vox = int(np.prod(cfg.preprocessing.target_shape))
+        preload = len(with_images) * len(image_mods) * n_vox * 4 <= PRELOAD_LIMIT_BYTES
+        bar = tqdm(with_images, desc="preprocess", disable=not (rank0 and show_progress), leave=False)
+        for rec in bar:
+            try:
+                p = cache.load_or_build(rec, cfg.preprocessing)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                s = Skip(str(rec.root or rec.patient_id), f"preprocessing failed: {e}; left out")
+                log.warning("skipped %s", s)
+                skips.append(s)
+                records.pop(rec.patient_id)
+                continue
+            image_names[rec.patient_id] = tuple(m for m in image_mods if m in p.images)
+            if preload:
+                images[rec.patient_id] = {m: p.images[m] for m in image_names[rec.patient_id]}
+        if rank0:
+            sync()
+            log.info("preprocessing cache %s", cache)
+
+        def load_images(pid: str) -> Mapping[str, np.ndarray]:
+            if pid in images:
+                return images[pid]
+            return cache.load_or_build(records[pid], cfg.preprocessing).images
+    else:
+        def load_images(pid: str) -> Mapping[str, np.ndarray]:
+            return {}
+
+    ids = sorted(records)
+    labels = [int(cohort.outcomes[p].target) for p in ids] if d.task == "classification" else None
+    split_path = Path(d.split_file) if d.split_file else out_dir / "split.json"
+    if rank0:
+        split = load_or_make_split(split_path, ids, labels, d.val_fraction, d.test_fraction, cfg.experiment.seed)
+    sync()
+    if not rank0:
+        split = load_or_make_split(split_path, ids, labels, d.val_fraction, d.test_fraction, cfg.experiment.seed)
+
+    # Tabular features, normalisers fitted on the training patients only.
+    tab_dims, tab_state, feats = {}, {}, {}
+    for m in tab_mods:
+        norm = TabularNormalizer(cohort.tables[m]).fit(split["train"])
+        tab_dims[m], tab_state[m] = norm.dims(), norm.state_dict()
+        feats[m] = norm.transform(ids)
+    row_of = {p: i for i, p in enumerate(ids)}
+
+    def sample(pid: str) -> PatientSample:
+        i = row_of[pid]
+        tab = {m: {k: v[i] for k, v in feats[m].items()} for m in tab_mods if pid in cohort.tables[m]}
+        o = cohort.outcomes[pid]
+        return PatientSample(pid, image_names.get(pid, ()), tab, o.target, o.time, o.event)
+
+    dropout = ModalityDropout.from_config(d, d.modalities)
+    shapes = {m: (tab_dims[m].num, len(tab_dims[m].cat_cardinalities)) for m in tab_mods}
+    datasets = {}
+    for part in ("train", "val", "test"):
+        samples = [sample(p) for p in split[part]]
+        ds_kwargs = dict(task=d.task, seed=cfg.experiment.seed)
+        if part == "train":
+            probe = MultimodalDataset(samples, d.modalities, image_mods, shapes, cfg.preprocessing.target_shape,
+                                      load_images, task=d.task)
+            keep = [s for s, pres in zip(samples, probe.present) if dropout.can_sample(pres)]
+            for s in samples:
+                if s not in keep:
+                    skips.append(Skip(f"patient {s.patient_id}", "its modalities only form combinations "
+                                      "excluded by data.excluded_combinations; left out of training"))
+                    log.warning("skipped %s", skips[-1])
+            samples = keep
+            ds_kwargs.update(dropout=dropout, augment=d.augment)
+        datasets[part] = MultimodalDataset(samples, d.modalities, image_mods, shapes,
+                                           cfg.preprocessing.target_shape, load_images, **ds_kwargs)
+    return TrainingCohort(root, list(d.modalities), image_mods, tab_mods, tab_dims, tab_state, split,
+                          datasets, skips)

@@ -60,7 +60,7 @@ def test_collate_shapes_and_masks():
     assert batch["available"][3].tolist() == [True, True, True, False]
     assert batch["images"][1, 2].abs().sum() == 0 and batch["images"][1, 0].abs().sum() > 0
     assert batch["tabular"]["clinical"]["num_missing"][3].tolist() == [1, 1, 1]
-    assert torch.equal(batch["available"], batch["present"])  # no simulation outside training
+    assert torch.equal(batch["available"], batch["available_full"])  # no simulation outside training
 
 
 def test_dropout_only_changes_the_mask_and_follows_epoch():
@@ -71,8 +71,8 @@ def test_dropout_only_changes_the_mask_and_follows_epoch():
     for i in range(len(ds)):
         a, b = ds[i], clean[i]
         assert torch.equal(a["images"], b["images"])  # data untouched
-        assert not (a["available"] & ~a["present"]).any()  # never adds a modality
-        changed += int(not torch.equal(a["available"], a["present"]))
+        assert not (a["available"] & ~a["available_full"]).any()  # never adds a modality
+        changed += int(not torch.equal(a["available"], a["available_full"]))
     assert changed > 0
     # same (seed, epoch, index) -> same draw; another epoch -> other draws
     assert all(torch.equal(ds[i]["available"], ds[i]["available"]) for i in range(6))
@@ -149,7 +149,7 @@ def test_feature_dataset_and_collate():
                         dropout=ModalityDropout(MODS, drop_prob=0.5), seed=0)
     b = collate([ds[i] for i in range(5)])
     assert b["tokens"].shape == (5, 4, 8) and b["available"].shape == (5, 4)
-    assert not (b["available"] & ~b["present"]).any()
+    assert not (b["available"] & ~b["available_full"]).any()
     assert torch.equal(b["tokens"], tokens)
 
 

@@ -1,0 +1,529 @@
+"""The training loop: one code path for mean, attention and diffusion fusion.
+
+``train(cfg, out_dir)`` reads top to bottom, nanoGPT style: distributed setup -> cohort ->
+model -> optimiser/scheduler -> (resume) -> epochs of {train steps, validation, logging,
+checkpoints, early stopping} -> feature bank -> final checkpoints.
+
+Two modes (``cfg.training.stage``):
+
+* ``end_to_end``: encoders, fusion and head train together on images + tabular data, with the
+  missing-modality simulation and augmentation of the training dataset.
+* ``two_stage`` (the demo's choice on a CPU): ``train_fusions`` trains the encoders end to end
+  once (stage 1, ``cfg.training.encoder_epochs`` epochs with ``cfg.training.stage1_fusion``
+  and modality dropout), then encodes every patient once with the frozen encoders and trains
+  each fusion + head on those cached tokens (stage 2, ``cfg.training.epochs`` epochs, the same
+  missing-modality simulation applied to the token mask). "Features are computed once": all
+  fusion methods then share identical encoders, which makes their comparison controlled, and
+  stage 2 costs seconds per fusion instead of minutes. ``train(..., encoder_checkpoint=...)``
+  is stage 2 on its own.
+
+Checkpoints (``best.pt`` by ``cfg.training.monitor``, ``last.pt`` every epoch) are written
+atomically by rank 0 and hold everything ``checkpoint.py`` lists. The feature bank (training
+tokens for TTT) is computed with the weights of each checkpoint: in stage 2 it is the cached
+token table; end to end it is computed once at the end of training for ``best.pt`` and
+``last.pt`` (intermediate ``last.pt`` files, used only to resume, carry an empty bank).
+
+``--resume last.pt`` continues exactly: model, optimiser, LR scheduler, GradScaler, epoch,
+early-stopping counters and every RNG state are restored, and every sample's augmentation and
+modality dropout is a function of (seed, epoch, index) (``data.dataset``), so an interrupted
+and resumed run gives the same losses as an uninterrupted one (tested).
+
+AMP: ``training.amp=bf16|fp16`` autocasts on CUDA (fp16 with a GradScaler). On a CPU only bf16
+autocast is used (torch's CPU autocast supports bf16; fp16 falls back to fp32 with a warning).
+
+DDP: launched by ``torchrun --nproc_per_node=N``, each process reads RANK/LOCAL_RANK/WORLD_SIZE,
+uses gloo (CPU) or nccl (CUDA), a ``DistributedSampler`` re-seeded with ``set_epoch``, and
+``training.batch_size`` per process. Validation runs on every rank on the full validation set
+(identical results, no gather); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..config import Config, save_config, seed_everything
+from ..utils import resolve_device
+from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("loss", "mse", "mae", "brier", "ece")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_path: Path
+    last_path: Path
+    best_metric: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces the loop uses
+# --------------------------------------------------------------------------------------------
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a (nested) batch to ``device``."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, Mapping):
+            out[k] = to_device(v, device)
+        else:
+            out[k] = v
+    return out
+
+
+class LossModule(nn.Module):
+    """``forward(batch) -> losses``: lets DDP hook ``compute_losses`` (DDP syncs the gradients
+    of what runs inside ``forward``). Batches with ``tokens`` (cached features) skip the encoders."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        if "tokens" in batch:
+            return self.model.compute_losses(
+                batch["tokens"], batch["available"], batch["target"],
+                available_full=batch["available_full"], time=batch["time"], event=batch["event"],
+            )
+        return self.model.compute_losses(batch)
+
+
+def autocast_context(amp: str, device: torch.device):
+    """The autocast context for ``training.amp`` on ``device`` (see the module docstring)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if device.type == "cpu" and amp == "fp16":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda_factory(warmup_steps: int, total_steps: int, schedule: str):
+    """LR multiplier per optimiser step: linear warm-up, then cosine to 0 (or constant)."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def monitor_mode(name: str) -> str:
+    return "min" if any(s in name for s in LOWER_IS_BETTER) else "max"
+
+
+@torch.no_grad()
+def predict_batches(model: nn.Module, loader, device: torch.device, amp: str, seed: int,
+                    num_samples: int = 1) -> dict[str, Any]:
+    """Eval-mode head outputs over a loader, conditioned on each batch's ``available``.
+
+    Diffusion fusion draws ``num_samples`` samples from a generator seeded with ``seed`` (so
+    successive validations are comparable); their outputs are averaged (probabilities for
+    classification).
+
+    Returns:
+        ``{"output": (N, C) logits | (N, 1), "probs": (N, C) or None, "target", "time", "event":
+        (N,), "patient_id": list}`` on the CPU.
+    """
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    outs, probs, target, time_, event, ids = [], [], [], [], [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast_context(amp, device):
+            tokens = batch["tokens"] if "tokens" in batch else model.encode(batch, batch["available"])  # (B, M, E)
+            out = model.predict_from_tokens(tokens, batch["available"], num_samples=num_samples,
+                                            generator=gen).float()  # (B, C) or (K, B, C)
+        if out.dim() == 2:
+            out = out.unsqueeze(0)  # (1, B, C)
+        if model.task == "classification":
+            p = out.softmax(-1).mean(0)  # (B, C)
+            probs.append(p.cpu())
+            outs.append(p.clamp_min(1e-8).log().cpu())
+        else:
+            outs.append(out.mean(0).cpu())
+        target.append(batch["target"].cpu())
+        time_.append(batch["time"].cpu())
+        event.append(batch["event"].cpu())
+        ids += list(batch["patient_id"])
+    return {"output": torch.cat(outs), "probs": torch.cat(probs) if probs else None,
+            "target": torch.cat(target), "time": torch.cat(time_), "event": torch.cat(event),
+            "patient_id": ids}
+
+
+def validation_metrics(task: str, pred: Mapping[str, Any]) -> dict[str, float]:
+    """``val_*`` metrics of one validation pass: ``loss`` (the task loss) and AUROC, balanced
+    accuracy, ECE, Brier (classification), ``c_index`` (survival), MAE/RMSE (regression)."""
+    from ..evaluation import metrics as M
+    from .losses import prediction_loss
+
+    out, y = pred["output"], pred["target"]
+    res = {"loss": float(prediction_loss(task, out, y, pred["time"], pred["event"]))}
+    if task == "classification":
+        probs = pred["probs"]
+        res.update(auroc=M.auroc(probs, y), balanced_accuracy=M.balanced_accuracy(probs, y),
+                   ece=M.expected_calibration_error(probs, y), brier=M.brier_score(probs, y))
+    elif task == "survival":
+        res["c_index"] = M.concordance_index(out[:, 0], pred["time"], pred["event"])
+    else:
+        err = out[:, 0] - y.float()
+        res.update(mae=float(err.abs().mean()), rmse=float(err.pow(2).mean().sqrt()))
+    return {f"val_{k}": float(v) for k, v in res.items()}
+
+
+@torch.no_grad()
+def encode_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int,
+                   amp: str = "none", desc: str = "encode") -> dict[str, Any]:
+    """Encode every patient of ``dataset`` once (eval mode, no simulation, no augmentation).
+
+    Returns:
+        ``{"tokens": (N, M, E) float32, "available": (N, M) bool, "target", "time", "event":
+        (N,), "patient_id": list}``, on the CPU.
+    """
+    from ..data.dataset import collate
+
+    model.eval()
+    saved = (getattr(dataset, "dropout", None), getattr(dataset, "augment", None))
+    dataset.dropout, dataset.augment = None, None
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        toks, avail, tg, tm, ev, ids = [], [], [], [], [], []
+        for batch in loader:
+            batch = to_device(batch, device)
+            with autocast_context(amp, device):
+                t = model.encode(batch, batch["available"])  # (B, M, E)
+            toks.append(t.float().cpu())
+            avail.append(batch["available"].cpu())
+            tg.append(batch["target"].cpu())
+            tm.append(batch["time"].cpu())
+            ev.append(batch["event"].cpu())
+            ids += list(batch["patient_id"])
+    finally:
+        dataset.dropout, dataset.augment = saved
+    return {"tokens": torch.cat(toks), "available": torch.cat(avail), "target": torch.cat(tg),
+            "time": torch.cat(tm), "event": torch.cat(ev), "patient_id": ids}
+
+
+def feature_bank_from(encoded: Mapping[str, Any], size: int, seed: int) -> dict[str, Any]:
+    """At most ``size`` training patients' tokens (N, M, E) and masks (N, M), a seeded subset."""
+    n = encoded["tokens"].shape[0]
+    idx = np.arange(n)
+    if n > size:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    t = torch.from_numpy(idx)
+    return {"tokens": encoded["tokens"][t].clone(), "available": encoded["available"][t].clone(),
+            "patient_ids": [encoded["patient_id"][i] for i in idx]}
+
+
+def empty_bank(m: int, e: int) -> dict[str, Any]:
+    return {"tokens": torch.zeros(0, m, e), "available": torch.zeros(0, m, dtype=torch.bool), "patient_ids": []}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: Optional[str | Path] = None,
+    encoder_checkpoint: Optional[str | Path] = None,
+    cohort: Any = None,
+    stop_after_epoch: Optional[int] = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train one model (``cfg.model.fusion``) and write its checkpoints under ``out_dir``.
+
+    Args:
+        cfg: the resolved config.
+        out_dir: output folder (``best.pt``, ``last.pt``, ``config.yaml``, ``tb/``, ``history.json``).
+        resume: a ``last.pt`` to continue from exactly.
+        encoder_checkpoint: stage 2 of two-stage training — take (and freeze) the encoders of
+            this checkpoint, cache tokens once and train the fusion + head on them.
+        cohort: a prepared ``data.dataset.TrainingCohort`` (built from ``cfg`` when None).
+        stop_after_epoch: stop after this epoch index (0-based) as if interrupted — for tests
+            and time-sliced jobs; the schedule still spans ``cfg.training.epochs``.
+        show_progress: tqdm bars (rank 0 only).
+
+    Returns:
+        ``TrainResult`` with checkpoint paths, best metric and per-epoch history.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.dataset import prepare_cohort
+    from ..data.dataset import FeatureDataset, ModalityDropout, collate
+    from ..models import build_model
+
+    t_start = time.perf_counter()
+    tc = cfg.training
+    out_dir = Path(out_dir)
+
+    # -- processes, device, seeds ------------------------------------------------------------
+    dist_info: DistInfo = init_distributed(resolve_device(cfg.experiment.device))
+    device = dist_info.device
+    if cfg.experiment.num_threads > 0:
+        torch.set_num_threads(cfg.experiment.num_threads)
+    seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+    main = dist_info.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    # -- data -----------------------------------------------------------------------------------
+    if cohort is None:
+        cohort = prepare_cohort(cfg, out_dir, dist_info=dist_info)
+    train_ds, val_ds = cohort.datasets["train"], cohort.datasets["val"]
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise ValueError(
+            f"the split has {len(train_ds)} training and {len(val_ds)} validation patients; "
+            "both must be > 0 (more patients or larger data.val_fraction)"
+        )
+
+    # -- model ----------------------------------------------------------------------------------
+    model = build_model(cfg, cohort.tabular_dims).to(device)
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(tc.grad_checkpointing)
+    features_mode = encoder_checkpoint is not None
+    if features_mode:
+        # Stage 2: frozen encoders from stage 1, tokens computed once for every patient.
+        enc = load_checkpoint(encoder_checkpoint, map_location="cpu")
+        if list(enc["modalities"]) != list(cohort.modalities):
+            raise ValueError(
+                f"encoder checkpoint {encoder_checkpoint} has modalities {enc['modalities']}, "
+                f"the config has {cohort.modalities}"
+            )
+        enc_state = {k[len("encoders."):]: v for k, v in enc["model"].items() if k.startswith("encoders.")}
+        model.encoders.load_state_dict(enc_state)  # strict: the same encoder architecture
+        model.encoders.requires_grad_(False)
+        dropout = ModalityDropout.from_config(cfg.data, cohort.modalities)
+        encoded = {}
+        for part, ds in (("train", train_ds), ("val", val_ds)):
+            encoded[part] = encode_dataset(model, ds, device, max(tc.batch_size, 16), tc.amp)
+        keep = [i for i, a in enumerate(encoded["train"]["available"].numpy()) if dropout.can_sample(a)]
+        tr = encoded["train"]
+        train_ds = FeatureDataset(tr["tokens"][keep], tr["available"][keep], tr["target"][keep].tolist(),
+                                  tr["time"][keep].tolist(), tr["event"][keep].tolist(),
+                                  [tr["patient_id"][i] for i in keep], cfg.data.task, dropout,
+                                  cfg.experiment.seed)
+        va = encoded["val"]
+        val_ds = FeatureDataset(va["tokens"], va["available"], va["target"].tolist(), va["time"].tolist(),
+                                va["event"].tolist(), va["patient_id"], cfg.data.task, None,
+                                cfg.experiment.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sampler = DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                 shuffle=True, seed=cfg.experiment.seed, drop_last=False)
+    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,
+                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 16), shuffle=False, collate_fn=collate,
+                            num_workers=cfg.data.num_workers)
+    steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda_factory(tc.warmup_epochs * steps_per_epoch, tc.epochs * steps_per_epoch,
+                                     tc.lr_schedule))
+    use_scaler = tc.amp == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    if tc.amp == "fp16" and device.type == "cpu" and main:
+        log.warning("training.amp=fp16 is not used on a CPU (no fp16 autocast there); training in fp32")
+    mode = monitor_mode(tc.monitor)
+    best_metric = -math.inf if mode == "max" else math.inf
+    start_epoch, step, best_epoch, bad_epochs = 0, 0, -1, 0
+    history: list[dict[str, float]] = []
+
+    # -- resume -----------------------------------------------------------------------------------
+    if resume is not None:
+        ck = load_checkpoint(resume, map_location="cpu")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
+        best_metric, best_epoch = float(ck["best_metric"]), int(ck["best_epoch"])
+        bad_epochs, history = int(ck["bad_epochs"]), list(ck["history"])
+        set_rng_state(ck["rng"])
+        if main:
+            log.info("resumed from %s at epoch %d", resume, start_epoch)
+
+    loss_module: nn.Module = LossModule(model)
+    if dist_info.enabled:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # dropped modalities leave their encoders unused
+        )
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+
+    def payload(epoch: int, bank: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
+            "config": cfg.to_dict(), "modalities": list(cohort.modalities),
+            "image_modalities": list(cohort.image_modalities),
+            "tabular_state": cohort.tabular_state, "tabular_dims": cohort.tabular_dims_dict(),
+            "feature_bank": bank, "epoch": epoch, "step": step, "best_metric": best_metric,
+            "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
+            "rng": get_rng_state(), "split": cohort.split, "stage": "fusion" if features_mode else "end_to_end",
+        }
+
+    bank_now = (feature_bank_from(encoded["train"], tc.feature_bank_size, cfg.experiment.seed)
+                if features_mode else empty_bank(len(cohort.modalities), cfg.model.embed_dim))
+
+    # -- epochs -------------------------------------------------------------------------------------
+    interrupted = False
+    for epoch in range(start_epoch, tc.epochs):
+        t_epoch = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        model.train()
+        if features_mode:
+            model.encoders.eval()  # frozen encoders stay in eval mode (BatchNorm statistics)
+        sums: dict[str, float] = {}
+        n_batches = len(train_loader)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
+                   disable=not (main and show_progress))
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            batch = to_device(batch, device)
+            last_micro = (i + 1) % tc.grad_accum_steps == 0 or i + 1 == n_batches
+            sync = contextlib.nullcontext() if (last_micro or not dist_info.enabled) else loss_module.no_sync()
+            with sync:
+                with autocast_context(tc.amp, device):
+                    losses = loss_module(batch)
+                scaler.scale(losses["total"] / tc.grad_accum_steps).backward()
+            if last_micro:
+                if tc.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                model.update_ema()  # the EMA teacher of diffusion fusion (no-op otherwise)
+                step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(losses['total'].detach()):.4f}")
+        train_stats = {f"train_{k}": all_reduce_mean(v / max(1, n_batches), dist_info) for k, v in sums.items()}
+
+        # validation (every rank, full set; identical results)
+        pred = predict_batches(model, val_loader, device, tc.amp, cfg.experiment.seed,
+                               cfg.diffusion.num_samples if cfg.model.fusion == "diffusion" else 1)
+        val_stats = validation_metrics(cfg.data.task, pred)
+        if tc.monitor not in val_stats:
+            raise ValueError(
+                f"training.monitor={tc.monitor!r} is not a validation metric of task "
+                f"{cfg.data.task!r}; choose one of {sorted(val_stats)}"
+            )
+        record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **train_stats, **val_stats,
+                  "seconds": time.perf_counter() - t_epoch}
+        history.append(record)
+        current = val_stats[tc.monitor]
+        improved = current > best_metric if mode == "max" else current < best_metric
+        if improved or best_epoch < 0:
+            best_metric, best_epoch, bad_epochs = current, epoch, 0
+        else:
+            bad_epochs += 1
+
+        if main:
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            if improved or best_epoch == epoch:
+                save_checkpoint(best_path, payload(epoch, bank_now))
+            save_checkpoint(last_path, payload(epoch, bank_now))
+        barrier(dist_info)
+        if bad_epochs > tc.early_stopping_patience:
+            if main:
+                log.info("early stopping after epoch %d (%s did not improve for %d epochs)",
+                         epoch + 1, tc.monitor, bad_epochs)
+            break
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < tc.epochs - 1:
+            interrupted = True
+            break
+
+    # -- feature bank for TTT (end to end: encoders changed every step, so compute it now) ---------
+    if main and not interrupted and not features_mode:
+        for path in (last_path, best_path):
+            ck = load_checkpoint(path, map_location="cpu")
+            model.load_state_dict(ck["model"])
+            enc = encode_dataset(model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
+            ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
+            save_checkpoint(path, ck)
+    if main:
+        from ..utils import atomic_write_json
+
+        atomic_write_json(out_dir / "history.json", history)
+        writer.close()
+    barrier(dist_info)
+    cleanup(dist_info)
+    return TrainResult(out_dir, best_path, last_path, best_metric, best_epoch, history,
+                       time.perf_counter() - t_start)
+
+
+def train_fusions(
+    cfg: Config,
+    out_dir: str | Path,
+    fusions: Optional[list[str]] = None,
+    *,
+    show_progress: bool = True,
+) -> dict[str, TrainResult]:
+    """Train one model per fusion method in ``fusions`` (default ``cfg.training.fusions``).
+
+    ``training.stage=two_stage``: stage 1 (encoders, ``out_dir/encoders``) once, then stage 2
+    per fusion (``out_dir/<fusion>``). ``end_to_end``: a full training per fusion. All share one
+    cohort, one split and one preprocessing cache.
+
+    Returns:
+        ``{"encoders": ..., fusion: TrainResult, ...}``.
+    """
+    import dataclasses
+
+    from ..data.dataset import prepare_cohort
+
+    out_dir = Path(out_dir)
+    fusions = list(fusions or cfg.training.fusions)
+    cohort = prepare_cohort(cfg, out_dir)
+    results: dict[str, TrainResult] = {}
+    encoder_ckpt = None
+    if cfg.training.stage == "two_stage":
+        c1 = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, fusion=cfg.training.stage1_fusion),
+            training=dataclasses.replace(cfg.training, epochs=cfg.training.encoder_epochs,
+                                         warmup_epochs=min(cfg.training.warmup_epochs,
+                                                           cfg.training.encoder_epochs)),
+        )
+        results["encoders"] = train(c1, out_dir / "encoders", cohort=cohort, show_progress=show_progress)
+        encoder_ckpt = results["encoders"].best_path
+    for fusion in fusions:
+        cf = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion=fusion))
+        results[fusion] = train(cf, out_dir / fusion, cohort=cohort, encoder_checkpoint=encoder_ckpt,
+                                show_progress=show_progress)
+    return results
