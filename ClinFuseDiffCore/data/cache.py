@@ -23,13 +23,14 @@ import io
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ..config import PreprocessingConfig
-from ..utils import atomic_path
+from ..utils import atomic_path, atomic_write_json
 from .preprocess import PreprocessedPatient, config_params, preprocess_patient
 from .volume import Volume
 
@@ -173,6 +174,7 @@ class PreprocessCache:
         self.root = Path(root)
         self.stats: Counter[str] = Counter()  # hit / built / rebuilt
         self.last_status: Optional[str] = None
+        self.last_key: Optional[str] = None
 
     def path(self, key: str) -> Path:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
@@ -212,7 +214,8 @@ class PreprocessCache:
 
         Returns:
             :class:`PreprocessedPatient` (``patient_id`` set from the record, since identical
-            inputs of two patients share one entry). ``self.last_status`` says what happened.
+            inputs of two patients share one entry). ``self.last_status`` says what happened,
+            ``self.last_key`` is the entry's key.
         """
         key = cache_key(record_or_volumes, cfg, seg)
         pid = patient_id or getattr(record_or_volumes, "patient_id", None)
@@ -231,7 +234,7 @@ class PreprocessCache:
         if pid is not None:
             patient.patient_id = pid
         self.stats[status] += 1
-        self.last_status = status
+        self.last_status, self.last_key = status, key
         return patient
 
     def entries(self) -> list[Path]:
@@ -242,5 +245,112 @@ class PreprocessCache:
         return f"PreprocessCache({str(self.root)!r}, {dict(self.stats)})"
 
 
-__all__ = ["CorruptEntry", "PreprocessCache", "cache_key", "decode_entry", "encode_entry",
-           "hash_file", "hash_volume"]
+# --------------------------------------------------------------------------------------------
+# A whole cohort
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CacheReport:
+    """What :func:`build_cache` did.
+
+    Args:
+        statuses: patient ID -> ``"built"`` | ``"hit"`` | ``"rebuilt"``.
+        keys: patient ID -> cache key.
+        failed: (patient ID, reason) for patients whose preprocessing raised a user-facing error.
+        seconds: wall-clock time.
+    """
+
+    statuses: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.statuses.values())
+        return {"built": c["built"], "hit": c["hit"], "rebuilt": c["rebuilt"],
+                "failed": len(self.failed)}
+
+
+_WORKER_BACKENDS: dict[str, Any] = {}
+
+
+def _build_one(args: tuple) -> tuple[str, Optional[str], Optional[str], Optional[str]]:
+    """One patient in a worker process: (patient ID, status, key, error)."""
+    record, cfg, root = args
+    if cfg.mask_backend not in _WORKER_BACKENDS:
+        from .preprocess import make_backend
+
+        _WORKER_BACKENDS[cfg.mask_backend] = make_backend(cfg)
+    cache = PreprocessCache(root)
+    try:
+        cache.load_or_build(record, cfg, backend=_WORKER_BACKENDS[cfg.mask_backend])
+        return record.patient_id, cache.last_status, cache.last_key, None
+    except (ValueError, OSError, RuntimeError) as e:
+        return record.patient_id, None, None, f"{type(e).__name__}: {e}"
+
+
+def build_cache(records: Sequence[Any], cfg: PreprocessingConfig, root: Union[str, Path], *,
+                workers: int = 1, progress: bool = True,
+                callback: Optional[Callable[[int, int], None]] = None) -> CacheReport:
+    """Preprocess every record into the cache at ``root`` (cached entries are reused).
+
+    Args:
+        records: ``PatientRecord`` s (``discovery.discover_patients``).
+        cfg: the preprocessing config.
+        root: the cache folder.
+        workers: processes (``spawn``); 1 = in this process.
+        progress: a tqdm bar on stderr.
+        callback: ``callback(done, total)`` after each patient (GUI progress).
+
+    Returns:
+        :class:`CacheReport`. A patient whose inputs are unusable (unreadable file, NaN voxels,
+        modalities that do not overlap, ...) is listed in ``failed`` with the reason and logged;
+        the others are still processed. ``ROOT/index.json`` records the run.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .preprocess import validate_preprocessing_config
+
+    validate_preprocessing_config(cfg)
+    t0 = time.perf_counter()
+    report = CacheReport()
+    jobs = [(r, cfg, str(root)) for r in records]
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="patient", disable=not progress)
+
+    def done(result: tuple) -> None:
+        pid, status, key, error = result
+        if error is not None:
+            log.warning("skipped patient %s: %s", pid, error)
+            report.failed.append((pid, error))
+        else:
+            report.statuses[pid], report.keys[pid] = status, key
+        bar.update(1)
+        bar.set_postfix(report.counts(), refresh=False)
+        if callback is not None:
+            callback(bar.n, len(jobs))
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                done(_build_one(job))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+                for result in ex.map(_build_one, jobs, chunksize=1):
+                    done(result)
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    atomic_write_json(Path(root) / "index.json", {
+        "params": config_params(cfg), "keys": report.keys, "statuses": report.statuses,
+        "failed": [{"patient_id": p, "reason": r} for p, r in report.failed],
+        "seconds": round(report.seconds, 2),
+    })
+    return report
+
+
+__all__ = ["CacheReport", "CorruptEntry", "PreprocessCache", "build_cache", "cache_key",
+           "decode_entry", "encode_entry", "hash_file", "hash_volume"]

@@ -319,3 +319,46 @@ def test_flat_arrays_round_trip(result):
     np.testing.assert_array_equal(back.affine, result.affine)
     assert back.info == result.info
     np.testing.assert_array_equal(back.inputs["pet"].affine, result.inputs["pet"].affine)
+
+
+# ------------------------------------------------------------------------------- the command
+def test_preprocess_command_builds_reuses_and_reports_skips(tmp_path, capsys):
+    from ClinFuseDiffCore.cli import main
+
+    data = tmp_path / "cohort"
+    write_patient(data / "P1", modalities=("mri_t1", "ct"))
+    write_patient(data / "P2", modalities=("mri_t2", "pet"), seed=1)
+    bad = data / "P3"
+    write_patient(bad, modalities=("mri_t1",))
+    img = nib.load(bad / "mri_t1.nii.gz")
+    arr = np.asarray(img.dataobj).copy()
+    arr[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), bad / "mri_t1.nii.gz")
+    (data / "P4").mkdir()  # empty folder
+    before = {p.relative_to(data): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in data.rglob("*") if p.is_file()}
+    out = tmp_path / "cache"
+    argv = ["preprocess", "--data", str(data), "--out", str(out), "--no-progress",
+            "preprocessing.spacing=[3,3,3]", "preprocessing.target_shape=[32,32,32]"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "2 built, 0 reused" in text and "1 failed" in text and "1 folders skipped" in text
+    assert "failed P3: ValueError:" in text and "NaN/Inf" in text and "mri_t1.nii.gz" in text
+    assert "P4" in text and "empty patient folder" in text
+    import json
+
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(index["keys"]) == ["P1", "P2"] and index["failed"][0]["patient_id"] == "P3"
+    from ClinFuseDiffCore.data.cache import PreprocessCache
+
+    p1 = PreprocessCache(out).load(index["keys"]["P1"])
+    assert p1.shape == (32, 32, 32) and sorted(p1.images) == ["ct", "mri_t1"]
+
+    assert main(argv) == 0
+    assert "0 built, 2 reused" in capsys.readouterr().out
+    after = {p.relative_to(data): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in data.rglob("*") if p.is_file()}
+    assert after == before  # the cohort folder is only read
+
+    assert main(["preprocess", "--data", str(data), "--out", str(data / "c"), "--no-progress"]) == 1
+    assert "inside the cohort folder" in capsys.readouterr().err
