@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from monai.networks.nets import resnet as monai_resnet
 from torch.utils.checkpoint import checkpoint
 
 _RESNET_DEPTHS = ("resnet10", "resnet18", "resnet34", "resnet50")
@@ -23,6 +24,24 @@ def _group_count(widths: Sequence[int], expansion: int, max_groups: int = 8) -> 
     """Largest group count <= max_groups that divides every stage's channel count."""
     g = math.gcd(*[int(w) for w in widths] + [int(w) * expansion for w in widths])
     return max(d for d in range(1, max_groups + 1) if g % d == 0)
+
+
+class _MonaiResNet(monai_resnet.ResNet):
+    """MONAI's ResNet with ``norm`` passed on to every residual block.
+
+    In MONAI 1.6.1 ``ResNet.__init__`` calls ``_make_layer`` without ``norm=``, so the blocks
+    (and their downsample shortcuts) silently keep batch norm whatever ``norm`` says; only the
+    stem follows it (the MONAI PR #9028 kind of bug; ``test_image_encoder_norm_is_really_used``
+    catches it). This subclass forwards the argument.
+    """
+
+    def __init__(self, *args: Any, norm: Any = "batch", **kwargs: Any) -> None:
+        object.__setattr__(self, "_block_norm", norm)
+        super().__init__(*args, norm=norm, **kwargs)
+
+    def _make_layer(self, *args: Any, **kwargs: Any) -> nn.Sequential:
+        kwargs["norm"] = self._block_norm
+        return super()._make_layer(*args, **kwargs)
 
 
 def tabular_dims_of(dims: Any) -> tuple[int, list[int]]:
@@ -60,8 +79,6 @@ class ImageEncoder(nn.Module):
         norm: str = "group",
     ) -> None:
         super().__init__()
-        from monai.networks.nets import resnet as monai_resnet
-
         if depth not in _RESNET_DEPTHS:
             raise ValueError(f"image encoder {depth!r} not in {list(_RESNET_DEPTHS)}; set model.image_encoder")
         if len(widths) != 4 or any(int(w) < 1 for w in widths):
@@ -77,8 +94,12 @@ class ImageEncoder(nn.Module):
         # no pretrained weights are involved (that path reaches for a hub and fails offline).
         block, layers, shortcut_type, bias_downsample, _ = monai_resnet.resnet_params[depth]
         expansion = 4 if block == "bottleneck" else 1
-        norm_arg: Any = ("group", {"num_groups": _group_count(widths, expansion)}) if norm == "group" else norm
-        self.net = monai_resnet.ResNet(
+        norm_arg: Any = {
+            "group": ("group", {"num_groups": _group_count(widths, expansion)}),
+            "instance": ("instance", {"affine": True}),
+            "batch": "batch",
+        }[norm]
+        self.net = _MonaiResNet(
             block=block,
             layers=list(layers),
             shortcut_type=shortcut_type,
