@@ -63,7 +63,7 @@ class SiteProfile:
     mri_noise: float = 0.03  # Rician sigma relative to the WM level
     bias: float = 0.15  # bias-field amplitude (log scale)
     blur_vox: float = 0.0  # extra Gaussian blur (sigma, voxels) of the MRI
-    pet_fwhm_mm: float = 7.0
+    pet_fwhm_mm: float = 8.0
     pet_gain: float = 1.0
     ct_noise_hu: float = 5.0
     spacing_scale: float = 1.0  # >1 = coarser voxels
@@ -96,7 +96,7 @@ def site_profiles(site_shift: SiteShift, seed: int) -> list[SiteProfile]:
             mri_noise=float(np.clip(0.03 * math.exp(rng.normal(0, 0.25 * k)), 0.01, 0.12)),
             bias=float(np.clip(0.15 + rng.normal(0, 0.05 * k), 0.03, 0.45)),
             blur_vox=float(rng.uniform(0, 0.35 * k)),
-            pet_fwhm_mm=float(np.clip(7.0 + rng.normal(0, 0.8 * k), 4.5, 11.0)),
+            pet_fwhm_mm=float(np.clip(8.0 + rng.normal(0, 0.8 * k), 5.0, 12.0)),
             pet_gain=float(math.exp(rng.normal(0, 0.08 * k))),
             ct_noise_hu=float(np.clip(5.0 * math.exp(rng.normal(0, 0.25 * k)), 2.0, 15.0)),
             spacing_scale=float(np.clip(1.0 + rng.normal(0, 0.04 * k), 0.9, 1.25)),
@@ -196,8 +196,8 @@ def sample_one(index: int, seed: int, layout: str = "generic", site_shift: SiteS
 
     radius = float(np.clip(17.0 + 5.0 * z["z_size"], 7.0, 30.0))
     oedema = float(np.clip(10.0 + 5.0 * z["z_oedema"], 1.5, 24.0))
-    enhancement = float(np.clip(1.4 + 0.4 * z["z_enhancement"], 0.75, 2.4))
-    calc = int(np.clip(round(2.5 + 2.5 * z["z_calcification"]), 0, 10))
+    enhancement = float(np.clip(1.5 + 0.35 * z["z_enhancement"], 1.1, 2.4))
+    calc = int(np.clip(round(3.0 + 3.0 * z["z_calcification"]), 0, 12))
     pet_suv = float(np.clip(5.5 + 2.5 * z["z_pet"], 1.5, 14.0))
     necrosis = float(rng.uniform(0.2, 0.6))
     mass = float(rng.uniform(0.3, 0.7))

@@ -81,7 +81,8 @@ def scanner_geometry(p: PatientParameters, site: SiteProfile, shape: tuple[int, 
         site: scanner site (spacing scale).
         shape: requested (I, J, K) for an isotropic scan; thick-slice scans keep the field of
             view and get fewer slices along k.
-        rng: the patient's render generator.
+        rng: a generator used only for the oblique tilt (so that the same patient rendered
+            in another orientation has the same anatomy in world space).
 
     Returns:
         (grid shape, spacing (3,), direction (3, 3)) — columns of direction are the world
@@ -103,7 +104,7 @@ def scanner_geometry(p: PatientParameters, site: SiteProfile, shape: tuple[int, 
     if p.orientation == "oblique":
         if rng.random() < 0.5:
             base = np.eye(3)
-        direction = _rotation(rng, 25.0, 10.0) @ base
+        direction = _rotation(rng, 25.0, 10.0) @ base  # a tilted RAS or LPS grid
     else:
         direction = base
     return grid, spacing.round(4), direction  # type: ignore[return-value]
@@ -154,7 +155,7 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
     import scipy.ndimage as ndi
 
     rng = np.random.default_rng([seed, p.index, 1])
-    grid, spacing, direction = scanner_geometry(p, site, shape, rng)
+    grid, spacing, direction = scanner_geometry(p, site, shape, np.random.default_rng([seed, p.index, 2]))
     res = 2 if float(spacing.min()) >= 1.8 else 1
     anat = load_anatomy(res)
 
@@ -298,9 +299,13 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
             img = img + np.float32(site.ct_noise_hu) * rng.standard_normal(grid, dtype=np.float32)
             images[name] = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
         else:  # pet
+            # count noise before the reconstruction blur (so PET noise is spatially correlated,
+            # as in reconstructed PET), then a little white noise
+            img = img + 0.15 * np.sqrt(np.maximum(img, 0.0) * 7.0) * rng.standard_normal(
+                grid, dtype=np.float32)
             sig_vox = site.pet_fwhm_mm / 2.3548 / spacing
             img = ndi.gaussian_filter(img, sig_vox, mode="constant")
-            img = img + 0.06 * np.sqrt(np.maximum(img, 0.0) * 7.0) * rng.standard_normal(
+            img = img + 0.02 * np.sqrt(np.maximum(img, 0.0) * 7.0) * rng.standard_normal(
                 grid, dtype=np.float32)
             images[name] = (np.maximum(img, 0.0) * np.float32(site.pet_gain)).astype(np.float32)
 
