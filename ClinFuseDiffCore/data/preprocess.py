@@ -9,9 +9,9 @@ needed to map a result back onto each input grid.
 
 Steps (``cfg`` is :class:`~ClinFuseDiffCore.config.PreprocessingConfig`):
 
-1. Check every input: finite voxels, and that all modalities of the patient overlap in space
-   (their fields of view share at least ``cfg.min_overlap`` of the smaller one), else a
-   ``ValueError`` naming both modalities and files.
+1. Check that all modalities of the patient (and the labelmap) overlap in space: their fields of
+   view share more than ``cfg.min_overlap`` of the smaller one (``volume.check_overlap``), else a
+   ``ValueError`` naming both modalities and files. (``Volume`` itself refuses NaN/Inf voxels.)
 2. Reference modality: ``cfg.mask_modality`` when the patient has it, else the mask backend's
    preferred modality (``segmentation.choose_modality``).
 3. Brain mask of the reference from the segmentation backend ``cfg.mask_backend`` (``"none"``:
@@ -49,7 +49,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from ..config import PreprocessingConfig
-from .volume import LPS_TO_RAS, Volume
+from .volume import LPS_TO_RAS, Volume, check_overlap
 
 log = logging.getLogger(__name__)
 
@@ -239,21 +239,6 @@ def _resample(vol: Volume, affine: np.ndarray, shape: tuple[int, int, int], inte
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(out).transpose(2, 1, 0), dtype=np.float32)
 
 
-def fov_box(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned RAS bounding box (low (3,), high (3,)) in mm of a grid's field of view
-    (voxel edges, not centres)."""
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, shape[0] - 0.5)
-                        for j in (-0.5, shape[1] - 0.5) for k in (-0.5, shape[2] - 0.5)])
-    ras = (np.asarray(affine) @ corners.T).T[:, :3]  # (8, 3)
-    return ras.min(axis=0), ras.max(axis=0)
-
-
-def _overlap_fraction(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
-    inter = np.clip(np.minimum(a[1], b[1]) - np.maximum(a[0], b[0]), 0, None).prod()
-    smaller = min(np.prod(a[1] - a[0]), np.prod(b[1] - b[0]))
-    return float(inter / smaller) if smaller > 0 else 0.0
-
-
 def _ras_grid(box: tuple[np.ndarray, np.ndarray], spacing: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Axis-aligned RAS grid at ``spacing`` covering ``box``: (affine (4, 4), shape)."""
     lo, hi = box
@@ -310,7 +295,7 @@ def _mask_grid(vol: Volume, cfg: PreprocessingConfig) -> Optional[tuple[np.ndarr
     of view (cheaper for the backend, and the output cannot resolve more)."""
     if np.all(vol.spacing >= 0.99 * np.min(cfg.spacing)):
         return None
-    return _ras_grid(fov_box(vol.affine, vol.shape), np.asarray(cfg.spacing, dtype=np.float64))
+    return _ras_grid(vol.bounds_ras(), np.asarray(cfg.spacing, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,11 +336,6 @@ def _load_inputs(record_or_volumes: Any, seg: Optional[VolumeOrPath], patient_id
     if not vols:
         raise ValueError(f"patient {pid!r}: no image modality to preprocess")
     seg_vol = _as_volume(seg, f"{pid}/seg") if seg is not None else None
-    for m, v in list(vols.items()) + ([("seg", seg_vol)] if seg_vol is not None else []):
-        bad = int(v.array.size - np.count_nonzero(np.isfinite(v.array)))
-        if bad:
-            raise ValueError(f"{v.source}: {bad} NaN/Inf voxels in the {m} volume; fix or "
-                             "remove the file (preprocessing never guesses values)")
     return pid, vols, seg_vol
 
 
@@ -447,22 +427,9 @@ def preprocess_patient(
     pid, vols, seg_vol = _load_inputs(record_or_volumes, seg, patient_id)
     families = {m: _family(m) for m in vols}
 
-    # 1. Overlap in space.
-    boxes = {m: fov_box(v.affine, v.shape) for m, v in vols.items()}
+    # 1. Overlap in space (every pair, the labelmap included).
+    check_overlap({**vols, **({"seg": seg_vol} if seg_vol is not None else {})}, cfg.min_overlap)
     ref = _reference_modality(vols, cfg)
-    checks = [(m, vols[m]) for m in vols if m != ref]
-    if seg_vol is not None:
-        checks.append(("seg", seg_vol))
-        boxes["seg"] = fov_box(seg_vol.affine, seg_vol.shape)
-    for m, v in checks:
-        frac = _overlap_fraction(boxes[ref], boxes[m])
-        if frac < cfg.min_overlap:
-            raise ValueError(
-                f"patient {pid!r}: {m} ({v.source}) and {ref} ({vols[ref].source}) do not overlap "
-                f"in space (shared field of view {frac:.0%} of the smaller, need "
-                f">= {cfg.min_overlap:.0%}; RAS boxes {np.round(boxes[m], 1).tolist()} vs "
-                f"{np.round(boxes[ref], 1).tolist()}); register the images to one space first, "
-                "or lower preprocessing.min_overlap")
 
     # 2-3. Brain mask of the reference modality, on its own grid or a coarser RAS one.
     images_sitk = {m: v.to_sitk() for m, v in vols.items()}
@@ -489,7 +456,7 @@ def preprocess_patient(
     if mask_vol is not None and cfg.crop_to_brain:
         box = mask_box(mask_vol.array > 0.5, mask_vol.affine)
     else:
-        box = boxes[ref]
+        box = vols[ref].bounds_ras()
     out_affine, grid_info = _output_grid(box, cfg)
     out_shape = tuple(int(t) for t in cfg.target_shape)
     if mask_vol is not None:
@@ -535,5 +502,5 @@ def preprocess_patient(
     return PreprocessedPatient(pid, images, mask, out_affine, inputs, seg_out, info)
 
 
-__all__ = ["InputGrid", "PIPELINE_VERSION", "PreprocessedPatient", "config_params", "fov_box",
-           "make_backend", "preprocess_patient", "validate_preprocessing_config"]
+__all__ = ["InputGrid", "PIPELINE_VERSION", "PreprocessedPatient", "config_params", "make_backend",
+           "mask_box", "preprocess_patient", "validate_preprocessing_config"]

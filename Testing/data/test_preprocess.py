@@ -280,7 +280,7 @@ def test_modalities_that_do_not_overlap_are_an_error(tmp_path):
     far = make_affine(shape, spacing, axes, centre=BRAIN_CENTRE + [300.0, 0, 0])
     vols = {"mri_t1": Volume(phantom("mri_t1", a, shape), a, source="t1.nii.gz"),
             "mri_t2": Volume(phantom("mri_t2", far, shape), far, source="t2.nii.gz")}
-    with pytest.raises(ValueError, match=r"mri_t2 \(t2.nii.gz\) and mri_t1 \(t1.nii.gz\) do not overlap"):
+    with pytest.raises(ValueError, match=r"'mri_t1' \(t1.nii.gz\) and 'mri_t2' \(t2.nii.gz\) do not overlap"):
         preprocess_patient(vols, cfg_small(mask_backend="none"))
 
 
@@ -362,3 +362,21 @@ def test_preprocess_command_builds_reuses_and_reports_skips(tmp_path, capsys):
 
     assert main(["preprocess", "--data", str(data), "--out", str(data / "c"), "--no-progress"]) == 1
     assert "inside the cohort folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("axes", [np.array([[0, 1, 0], [0, 0, -1], [1, 0, 0]], float),
+                                  _rotation(2, 20) @ _rotation(0, 12)], ids=["permuted", "oblique"])
+def test_mask_box_is_the_box_of_every_mask_voxel_corner(axes):
+    from ClinFuseDiffCore.data.preprocess import mask_box
+
+    shape = (12, 10, 8)
+    aff = make_affine(shape, (1.5, 2.0, 3.0), axes)
+    mask = np.zeros(shape, bool)
+    mask[3:7, 2:9, 1:4] = True
+    mask[10, 0, 7] = True
+    corners = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
+    pts = (np.argwhere(mask)[:, None, :] + corners[None]).reshape(-1, 3)
+    ras = pts @ aff[:3, :3].T + aff[:3, 3]
+    lo, hi = mask_box(mask, aff)
+    np.testing.assert_allclose(lo, ras.min(0), atol=1e-9)
+    np.testing.assert_allclose(hi, ras.max(0), atol=1e-9)
