@@ -136,8 +136,11 @@ class MethodOutput:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-# fn(tokens (N, M, E), available (N, M) bool, seed) -> MethodOutput for the N rows.
-MethodFn = Callable[[torch.Tensor, torch.Tensor, int], MethodOutput]
+# fn(tokens (N, M, E), available (N, M) bool, row_seeds (N,) int64) -> MethodOutput for the N
+# rows, or {name: MethodOutput} for a Method that yields several methods (``Method.also``).
+# row_seeds are unique per (seed, subset, patient) and do not depend on chunking, so a method
+# that draws noise per row gives the same numbers whatever the chunk size.
+MethodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
 
 
 @dataclass
@@ -147,14 +150,22 @@ class Method:
     Attributes:
         name: method name in the results (``mean``, ``attention``, ``diffusion``, ``diffusion+ttt``).
         tokens: (P, M, E) tokens of the P test patients from this method's model (encoded once).
-        fn: maps (tokens, available, seed) to a MethodOutput.
+        fn: maps (tokens, available, row_seeds) to a MethodOutput (or a dict of them).
         chunk_size: rows per call of ``fn`` (bounds memory; TTT batches this many episodes).
+        also: names of further methods the same call yields (``fn`` then returns
+            {name: MethodOutput} for ``(name, *also)``), e.g. ``diffusion`` and ``diffusion+ttt``
+            from one pass that shares the diffusion noise and the un-adapted samples.
     """
 
     name: str
     tokens: torch.Tensor
     fn: MethodFn
     chunk_size: int = 2048
+    also: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.also)
 
 
 @dataclass
@@ -207,31 +218,46 @@ def flatten_pairs(
     return s_idx, p_idx, eff[s_idx, p_idx]
 
 
+def row_seeds_for(seed: int, s_idx: torch.Tensor, p_idx: torch.Tensor, n_subsets: int,
+                  n_patients: int) -> torch.Tensor:
+    """A unique int64 seed per (seed, subset, patient) row: (N,)."""
+    return (int(seed) * n_subsets + s_idx.long()) * n_patients + p_idx.long() + 1
+
+
 def run_method(
     method: Method,
     masks: torch.Tensor,
     patient_available: torch.Tensor,
     seed: int,
     progress: Optional[Callable[[int, int], None]] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MethodOutput, float]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, MethodOutput], float]:
     """Run one method on every (subset, patient) pair, in chunks, from its cached tokens.
 
     Returns:
-        subset_idx (N,), patient_idx (N,), available (N, M), the concatenated MethodOutput, and
-        the wall time in seconds.
+        subset_idx (N,), patient_idx (N,), available (N, M), {name: concatenated MethodOutput}
+        for every name the method yields, and the wall time in seconds.
     """
     s_idx, p_idx, avail = flatten_pairs(masks, patient_available)
+    seeds = row_seeds_for(seed, s_idx, p_idx, masks.shape[0], patient_available.shape[0])
     n = int(s_idx.numel())
-    parts: list[MethodOutput] = []
+    parts: dict[str, list[MethodOutput]] = {k: [] for k in method.names}
     t0 = time.perf_counter()
     for start in range(0, n, method.chunk_size):
         sl = slice(start, min(n, start + method.chunk_size))
         tok = method.tokens[p_idx[sl]]  # (n, M, E)
         with torch.no_grad():  # a method that adapts (TTT) re-enables grad inside
-            parts.append(method.fn(tok, avail[sl], seed))
+            out = method.fn(tok, avail[sl], seeds[sl])
+        if isinstance(out, MethodOutput):
+            out = {method.name: out}
+        missing = set(method.names) - set(out)
+        if missing:
+            raise RuntimeError(f"method {method.name!r} returned no output for {sorted(missing)}")
+        for k in method.names:
+            parts[k].append(out[k])
         if progress is not None:
             progress(sl.stop, n)
-    return s_idx, p_idx, avail, _cat_outputs(parts), time.perf_counter() - t0
+    outs = {k: _cat_outputs(v) for k, v in parts.items()}
+    return s_idx, p_idx, avail, outs, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,11 +502,11 @@ def evaluate_all_subsets(
     if not methods_by_seed:
         raise ValueError("no seeds/methods to evaluate; give at least one seed and one method")
     seeds = list(methods_by_seed)
-    names = [m.name for m in methods_by_seed[seeds[0]]]
+    names = [n for m in methods_by_seed[seeds[0]] for n in m.names]
     if len(set(names)) != len(names):
         raise ValueError(f"method names {names} must be unique")
     for s in seeds:
-        got = [m.name for m in methods_by_seed[s]]
+        got = [n for m in methods_by_seed[s] for n in m.names]
         if got != names:
             raise ValueError(f"seed {s} has methods {got}, expected {names} as for seed {seeds[0]}")
     mods = list(modalities)
@@ -504,49 +530,53 @@ def evaluate_all_subsets(
     extras: dict[str, dict[str, float]] = {n: {} for n in names}
     complete = (masks[:, None, :] & ~pav[None]).any(-1) == 0  # (S, P): patient has all of s
 
+    def _tabulate(name: str, out: MethodOutput, s_idx: torch.Tensor, p_idx: torch.Tensor,
+                  seed: int) -> None:
+        table: dict[str, dict[str, Any]] = {}
+        per_size_u: dict[int, list[torch.Tensor]] = {}
+        per_size_h: dict[int, list[torch.Tensor]] = {}
+        for s, key in enumerate(keys):
+            rows = (s_idx == s).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                table[key] = {"metrics": {}, "n_patients": 0, "n_complete": 0}
+                continue
+            sub = _select(out, rows)
+            entry: dict[str, Any] = {
+                "metrics": metric_fn(sub, targets, p_idx[rows]),
+                "n_patients": int(rows.numel()),
+                "n_complete": int(complete[s].sum()),
+            }
+            size = len(subsets[s])
+            if sub.uncertainty is not None:
+                entry["mean_uncertainty"] = float(sub.uncertainty.mean())
+                per_size_u.setdefault(size, []).append(sub.uncertainty)
+            if sub.probs is not None:
+                h = predictive_entropy(sub.probs)
+                entry["mean_entropy"] = float(h.mean())
+                per_size_h.setdefault(size, []).append(h)
+            table[key] = entry
+        if out.probs is not None and targets.target is not None:
+            reliability_pool[name].append((out.probs, targets.target[p_idx]))
+        for size, parts in per_size_u.items():
+            unc_by_size[name].setdefault(size, []).append(float(torch.cat(parts).mean()))
+        for size, parts in per_size_h.items():
+            ent_by_size[name].setdefault(size, []).append(float(torch.cat(parts).mean()))
+        per_seed[str(seed)][name] = table
+        summaries[name].append(
+            summarise_subsets({k: v["metrics"] for k, v in table.items()}, subsets, mods, excluded)
+        )
+
     for seed in seeds:
         per_seed[str(seed)] = {}
         for method in methods_by_seed[seed]:
             if progress:
-                progress(f"seed {seed}: {method.name} on {len(subsets)} subsets")
-            s_idx, p_idx, avail, out, secs = run_method(method, masks, pav, seed)
-            timings[method.name].append(secs)
-            for k, v in out.extra.items():
-                extras[method.name][k] = extras[method.name].get(k, 0.0) + v
-            table: dict[str, dict[str, Any]] = {}
-            per_size_u: dict[int, list[torch.Tensor]] = {}
-            per_size_h: dict[int, list[torch.Tensor]] = {}
-            for s, key in enumerate(keys):
-                rows = (s_idx == s).nonzero(as_tuple=True)[0]
-                if rows.numel() == 0:
-                    table[key] = {"metrics": {}, "n_patients": 0, "n_complete": 0}
-                    continue
-                sub = _select(out, rows)
-                metrics = metric_fn(sub, targets, p_idx[rows])
-                entry: dict[str, Any] = {
-                    "metrics": metrics,
-                    "n_patients": int(rows.numel()),
-                    "n_complete": int(complete[s].sum()),
-                }
-                size = len(subsets[s])
-                if sub.uncertainty is not None:
-                    entry["mean_uncertainty"] = float(sub.uncertainty.mean())
-                    per_size_u.setdefault(size, []).append(sub.uncertainty)
-                if sub.probs is not None:
-                    h = predictive_entropy(sub.probs)
-                    entry["mean_entropy"] = float(h.mean())
-                    per_size_h.setdefault(size, []).append(h)
-                table[key] = entry
-            if out.probs is not None and targets.target is not None:
-                reliability_pool[method.name].append((out.probs, targets.target[p_idx]))
-            for size, parts in per_size_u.items():
-                unc_by_size[method.name].setdefault(size, []).append(float(torch.cat(parts).mean()))
-            for size, parts in per_size_h.items():
-                ent_by_size[method.name].setdefault(size, []).append(float(torch.cat(parts).mean()))
-            per_seed[str(seed)][method.name] = table
-            summaries[method.name].append(
-                summarise_subsets({k: v["metrics"] for k, v in table.items()}, subsets, mods, excluded)
-            )
+                progress(f"seed {seed}: {'/'.join(method.names)} on {len(subsets)} subsets")
+            s_idx, p_idx, avail, outs, secs = run_method(method, masks, pav, seed)
+            for name, out in outs.items():
+                timings[name].append(secs)  # a shared pass is counted for each of its names
+                for k, v in out.extra.items():
+                    extras[name][k] = extras[name].get(k, 0.0) + v
+                _tabulate(name, out, s_idx, p_idx, seed)
 
     # Per-subset intervals over seeds.
     per_subset: dict[str, dict[str, Any]] = {}

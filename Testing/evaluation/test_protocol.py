@@ -130,7 +130,7 @@ def _accuracy_metric(out, targets, p):
 def _toy_method(name, tokens, calls, chunk_size=1000):
     """p(class 1) = sigmoid(mean over available modalities of token[..., 0])."""
 
-    def fn(tok, avail, seed):
+    def fn(tok, avail, row_seeds):
         calls.append(int(tok.shape[0]))
         a = avail.float()  # (N, M)
         s = (tok[..., 0] * a).sum(-1) / a.sum(-1)
