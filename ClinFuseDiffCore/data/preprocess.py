@@ -100,7 +100,9 @@ class PreprocessedPatient:
         inputs: modality (and ``"seg"``) -> :class:`InputGrid` of the original input.
         seg: (D, H, W) int16 ground-truth labelmap (nearest neighbour), or None.
         info: plain data about the run: reference modality, backend, output spacing,
-            normalisation ranges (``info["norm"][m] = [low, high]`` in input units), parameters.
+            normalisation ranges (``info["norm"][m] = [low, high]`` in input units), the fraction
+            of the brain mask each image covers (``info["brain_coverage"][m]``; voxels outside an
+            image's field of view are 0), parameters.
     """
 
     patient_id: str
@@ -433,7 +435,6 @@ def preprocess_patient(
 
     # 2-3. Brain mask of the reference modality, on its own grid or a coarser RAS one.
     images_sitk = {m: v.to_sitk() for m, v in vols.items()}
-    defaults = {m: float(v.array.min()) for m, v in vols.items()}
     mask_vol: Optional[Volume] = None
     mask_note = "none"
     if cfg.mask_backend != "none":
@@ -441,7 +442,8 @@ def preprocess_patient(
             backend = make_backend(cfg)
         grid = _mask_grid(vols[ref], cfg)
         work = vols[ref] if grid is None else Volume(
-            _resample(vols[ref], grid[0], grid[1], "linear", defaults[ref], image=images_sitk[ref]),
+            _resample(vols[ref], grid[0], grid[1], "linear", float(vols[ref].array.min()),
+                      image=images_sitk[ref]),
             grid[0], source=vols[ref].source)
         brain = backend.segment(work, ref).brain()  # (I, J, K) bool on the work grid
         mask_note = getattr(backend, "name", cfg.mask_backend)
@@ -471,13 +473,23 @@ def preprocess_patient(
     # 5-6. Resample every modality once, then normalise.
     images: dict[str, np.ndarray] = {}
     norm: dict[str, list[float]] = {}
+    coverage: dict[str, float] = {}
     for m, v in vols.items():
-        arr = _resample(v, out_affine, out_shape, "linear", defaults[m], image=images_sitk[m])
+        # NaN outside this image's field of view: statistics use only voxels it really covers.
+        arr = _resample(v, out_affine, out_shape, "linear", np.nan, image=images_sitk[m])
+        valid = np.isfinite(arr)  # (D, H, W)
+        coverage[m] = float(valid[inside].mean())
+        if not valid.any():
+            raise ValueError(f"{v.source}: the {m} image does not cover the output grid around the "
+                             f"brain of {ref}; check that it belongs to patient {pid!r}")
         if families[m] == "ct":
             low, high = (float(x) for x in cfg.ct_window)
         else:
             pct = cfg.pet_percentiles if families[m] == "pet" else cfg.mri_percentiles
-            low, high = (float(x) for x in np.percentile(arr[inside], pct))
+            region = inside & valid
+            values = arr[region] if region.any() else arr[valid]
+            low, high = (float(x) for x in np.percentile(values, pct))
+        arr[~valid] = low  # -> 0 after normalisation
         if high - low <= 1e-6 * max(1.0, abs(high)):
             log.warning("%s: constant intensity inside the brain (%g); the %s image becomes zeros",
                         v.source, low, m)
@@ -498,7 +510,7 @@ def preprocess_patient(
         inputs["seg"] = InputGrid(seg_vol.shape, seg_vol.affine.copy(), seg_vol.source)
     info = {"reference_modality": ref, "mask_backend": mask_note,
             "output_spacing": np.sqrt((out_affine[:3, :3] ** 2).sum(axis=0)).tolist(),
-            "norm": norm, "params": config_params(cfg), **grid_info}
+            "norm": norm, "brain_coverage": coverage, "params": config_params(cfg), **grid_info}
     return PreprocessedPatient(pid, images, mask, out_affine, inputs, seg_out, info)
 
 

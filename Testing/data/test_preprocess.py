@@ -380,3 +380,19 @@ def test_mask_box_is_the_box_of_every_mask_voxel_corner(axes):
     lo, hi = mask_box(mask, aff)
     np.testing.assert_allclose(lo, ras.min(0), atol=1e-9)
     np.testing.assert_allclose(hi, ras.max(0), atol=1e-9)
+
+
+def test_a_smaller_field_of_view_is_zero_outside_and_not_counted(patient_dir):
+    t1 = Volume.from_file(patient_dir / "mri_t1.nii.gz")
+    t2 = Volume.from_file(patient_dir / "mri_t2.nii.gz")
+    half = Volume(t2.array[:, :, :22], t2.affine, source="t2_half")  # inferior half of the head
+    p = preprocess_patient({"mri_t1": t1, "mri_t2": half}, cfg_small(mask_modality="mri_t1"))
+    cov = p.info["brain_coverage"]
+    assert cov["mri_t1"] == 1.0 and 0.2 < cov["mri_t2"] < 0.8
+    # voxels above the half's top edge are 0, and the range comes from the covered brain only
+    top = (half.affine @ [0, 0, 21.5, 1.0])[2]
+    k_top = int(np.ceil(np.linalg.solve(p.affine, [0, 0, top, 1.0])[2] + 0.5))
+    assert np.all(p.images["mri_t2"][:, :, k_top:] == 0.0)
+    inside = (p.mask == 1)
+    inside[:, :, k_top - 1:] = False
+    assert np.percentile(p.images["mri_t2"][inside], 99.5) == pytest.approx(1.0, abs=0.02)
