@@ -1,0 +1,114 @@
+"""Predictor on a tiny real checkpoint (real components, tiny sizes), from volumes and tokens."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "ttt"))
+from test_ttt import MODS, tiny_model  # noqa: E402
+
+from ClinFuseDiffCore.data.tabular import TabularNormalizer, TabularTable  # noqa: E402
+from ClinFuseDiffCore.data.volume import Volume  # noqa: E402
+from ClinFuseDiffCore.inference import PatientInput, Prediction, Predictor  # noqa: E402
+from ClinFuseDiffCore.training.checkpoint import save_checkpoint  # noqa: E402
+
+
+def write_checkpoint(path, fusion="diffusion"):
+    cfg, model = tiny_model(fusion)
+    cfg.preprocessing.spacing = [2.0, 2.0, 2.0]
+    cfg.preprocessing.target_shape = [16, 16, 16]
+    rows = [{"patient_id": f"p{i}", "age": 50 + i, "bmi": 20 + 2 * i, "grade": 1 + i % 2,
+             "sex": "F" if i % 2 else "M"} for i in range(6)]
+    table = TabularTable.from_rows(rows, categorical=["sex"], name="clinical")
+    norm = TabularNormalizer(table).fit([r["patient_id"] for r in rows])
+    g = torch.Generator().manual_seed(3)
+    bank = {"tokens": torch.randn(8, len(MODS), 16, generator=g),
+            "available": torch.ones(8, len(MODS), dtype=torch.bool)}
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "modalities": MODS,
+                           "tabular_state": {"clinical": norm.state_dict()},
+                           "tabular_dims": {"clinical": norm.dims().to_dict()}, "feature_bank": bank})
+    return cfg, model
+
+
+def volume(seed, shape=(20, 20, 20)):
+    rng = np.random.default_rng(seed)
+    arr = np.zeros(shape, np.float32)
+    arr[4:16, 4:16, 4:16] = 100 + 20 * rng.standard_normal((12, 12, 12))
+    return Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "diffusion.pt"
+    cfg, model = write_checkpoint(path)
+    return path, model
+
+
+def test_from_checkpoint_loads_the_same_weights(ckpt):
+    path, model = ckpt
+    pr = Predictor.from_checkpoint(path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), pr.model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert pr.is_diffusion and pr.feature_bank["tokens"].shape == (8, 4, 16)
+
+
+def test_predict_from_tokens_uncertainty_contributions(ckpt):
+    pr = Predictor.from_checkpoint(ckpt[0])
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randn(3, 4, 16, generator=g)
+    av = torch.tensor([[True, True, False, True], [False, True, False, False], [True] * 4])
+    before = {k: v.clone() for k, v in pr.model.state_dict().items()}
+    out = pr.predict(tokens=tok, available=av, ttt=True, samples=4, patient_ids=["a", "b", "c"])
+    assert all(torch.equal(before[k], v) for k, v in pr.model.state_dict().items())
+    assert [p.patient_id for p in out] == ["a", "b", "c"]
+    p = out[0]
+    assert p.modalities_used == ["mri_t1", "mri_t2", "clinical"]
+    assert sum(p.probabilities) == pytest.approx(1.0, abs=1e-5)
+    u = p.uncertainty
+    assert u["num_samples"] == 4 and u["std"] >= 0
+    assert u["mutual_information"] == pytest.approx(u["entropy"] - u["expected_entropy"], abs=1e-6)
+    assert set(p.contributions) == {"mri_t1", "mri_t2", "clinical"}
+    assert out[1].contributions == {}  # one modality: nothing to leave out
+    assert p.ttt["used"] and p.ttt["steps"] == 3 and isinstance(p.ttt["accepted"], bool)
+    assert set(p.timings) >= {"encode", "ttt", "sampling", "total"}
+    json.dumps(p.to_dict())  # plain data
+    # same seed -> same answer; contributions are the full-set minus leave-one-out probability
+    again = pr.predict(tokens=tok[:1], available=av[:1], ttt=False, samples=4, contributions=True)[0]
+    c = again.predicted_class
+    minus = pr.predict(tokens=tok[:1], available=torch.tensor([[True, False, False, True]]), ttt=False,
+                       samples=4, contributions=False)[0]
+    assert again.contributions["mri_t2"] == pytest.approx(again.probabilities[c] - minus.probabilities[c],
+                                                           abs=1e-5)
+
+
+def test_predict_from_volumes_and_tabular_row(ckpt):
+    pr = Predictor.from_checkpoint(ckpt[0])
+    patient = PatientInput({"mri_t1": volume(0), "ct": volume(1)},
+                           tabular={"clinical": {"age": 57, "bmi": 25.0, "grade": 2, "sex": "F"}},
+                           patient_id="case-1")
+    p = pr.predict_one(patient, ttt=True, samples=2)
+    assert isinstance(p, Prediction) and p.modalities_used == ["mri_t1", "ct", "clinical"]
+    assert p.timings["encode"] > 0 and len(p.probabilities) == 2
+    # the same patient from cached tokens gives the same prediction
+    batch = pr.make_batch([patient])
+    tok = pr.encode(batch)
+    q = pr.predict(tokens=tok, available=batch["available"], ttt=True, samples=2,
+                   patient_ids=["case-1"])[0]
+    assert q.probabilities == pytest.approx(p.probabilities, abs=1e-5)
+    with pytest.raises(ValueError, match="not in this model's modalities"):
+        pr.predict_one(PatientInput({"pet": volume(2)}))
+
+
+def test_baseline_checkpoint_is_deterministic_and_refuses_ttt(tmp_path):
+    write_checkpoint(tmp_path / "mean.pt", fusion="mean")
+    pr = Predictor.from_checkpoint(tmp_path / "mean.pt")
+    tok = torch.randn(2, 4, 16)
+    av = torch.ones(2, 4, dtype=torch.bool)
+    p = pr.predict(tokens=tok, available=av)
+    assert p[0].uncertainty["num_samples"] == 1 and p[0].uncertainty["mutual_information"] == 0
+    with pytest.raises(ValueError, match="TTT needs a diffusion checkpoint"):
+        pr.predict(tokens=tok, available=av, ttt=True)
