@@ -163,3 +163,21 @@ def test_total_mr_end_to_end_on_standin_model(ts_home):
     assert np.all(mask.array == BRAIN)  # the stand-in's output covers exactly the input grid
     cfg = json.loads((ts_home / "config.json").read_text())
     assert cfg["send_usage_stats"] is False
+
+
+def test_label_mapping_of_each_task():
+    """TotalSegmentator ids -> ours: total 90/91 -> brain 1 / skull 2, total_mr 50 -> brain 1,
+    brain_structures keeps its 16 named ids; other classes are dropped."""
+    vol = oblique_lps_volume((6, 5, 4))
+    ts = np.zeros(vol.shape, np.int32)
+    ts[0], ts[1], ts[2], ts[3] = 90, 91, 50, 7  # brain, skull, (CT) lung_... , other
+    backend = TotalSegmentatorBackend()
+    ct = backend._to_labelmap(ts, "total", vol)
+    assert ct.labels == {1: "brain", 2: "skull"}
+    assert (ct.array()[0] == 1).all() and (ct.array()[1] == 2).all() and (ct.array()[2:] == 0).all()
+    mr = backend._to_labelmap(ts, "total_mr", vol)
+    assert mr.labels == {1: "brain"} and mr.brain().sum() == ts[2].size and mr.brain()[2].all()
+    bs = backend._to_labelmap(ts, "brain_structures", vol)
+    assert bs.labels[7] == "lentiform_nucleus" and len(bs.labels) == 16
+    assert bs.brain()[3].all() and not bs.brain()[:3].any()  # 90/91/50 are not brain_structures ids
+    assert np.array_equal(bs.volume.affine, vol.affine)

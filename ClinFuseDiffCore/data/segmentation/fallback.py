@@ -14,6 +14,13 @@ CT (Hounsfield units):
        back inside the candidates by ``erode_mm + 1`` mm, fill holes;
     4. skull (label 2) = bone within ``skull_margin_mm`` (15 mm) of the brain.
 
+Speed: grids finer than ``work_mm`` (2 mm) are first reduced by integer block averaging (CT bone:
+block maximum, so a 1 mm skull is not averaged away) and the steps above run on that grid. MRI:
+the mask comes back by linear interpolation (threshold 0.5). CT: the brain's coarse boundary band
+is re-decided voxel by voxel with the HU criteria at full resolution, and skull = full-resolution
+bone inside the coarse skull region. ``work_mm=0`` runs everything at full resolution (about 4x
+slower at 1 mm; Dice to it >= 0.99 on the synthetic heads of the tests).
+
 MRI (any contrast) and PET, without ground truth:
     1. smooth with a Gaussian of 1 mm and clip at the 99.5th percentile (bright vessels and fat);
     2. Otsu's threshold splits dark voxels (air, cortical bone, most CSF in T1) from tissue;
@@ -85,6 +92,35 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(f.GetThreshold())
 
 
+def block_reduce(x: np.ndarray, factors, func) -> np.ndarray:
+    """(I, J, K) -> (ceil(I/fi), ...): ``func`` (np.mean / np.max) over blocks of ``factors`` voxels
+    (edge blocks are padded with edge values)."""
+    f = tuple(int(v) for v in factors)
+    pad = [(0, (-n) % k) for n, k in zip(x.shape, f)]
+    x = np.pad(x, pad, mode="edge")
+    s = x.shape
+    blocks = x.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2])
+    return func(blocks, axis=(1, 3, 5))
+
+
+def upsample_mask(mask: np.ndarray, factors, shape, linear: bool = False) -> np.ndarray:
+    """A block-grid mask back on the full grid (the inverse of :func:`block_reduce`'s grid), cropped
+    to ``shape``: nearest (each block's value), or ``linear`` interpolation of 0/1 between block
+    centres thresholded at 0.5 (smooth boundary; computed inside the mask's bounding box only)."""
+    f = np.asarray(factors, dtype=int)
+    if not linear or not mask.any():
+        idx = [np.arange(n) // k for n, k in zip(shape, f)]
+        return mask[np.ix_(*idx)]
+    lo = np.maximum(np.argwhere(mask).min(0) - 1, 0)
+    hi = np.minimum(np.argwhere(mask).max(0) + 2, mask.shape)
+    box = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+    up = ndi.zoom(box, f.astype(float), order=1, grid_mode=True, mode="grid-constant") > 0.5
+    out = np.zeros(tuple(int(v) for v in np.asarray(mask.shape) * f), dtype=bool)
+    a = lo * f
+    out[a[0]:a[0] + up.shape[0], a[1]:a[1] + up.shape[1], a[2]:a[2] + up.shape[2]] = up
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
 # ------------------------------------------------------------------ the backend
 @dataclass
 class FallbackBackend:
@@ -98,6 +134,7 @@ class FallbackBackend:
         close_mm: closing radius that puts sulcal CSF back (MRI/PET).
         skull_margin_mm: how far from the brain bone still counts as skull (CT).
         smooth_mm: Gaussian sigma before thresholding.
+        work_mm: finest grid the morphology runs on (0 = the input grid).
     """
 
     ct_brain_hu: tuple[float, float] = (-10.0, 90.0)
@@ -106,6 +143,7 @@ class FallbackBackend:
     close_mm: float = 4.0
     skull_margin_mm: float = 15.0
     smooth_mm: float = 1.0
+    work_mm: float = 2.0
     name: str = "fallback"
 
     def segment(self, volume: Volume, modality: str) -> Labelmap:
@@ -127,10 +165,30 @@ class FallbackBackend:
                              "fix or drop the volume before segmenting it")
         spacing = volume.spacing  # mm along i, j, k
         family = modality_family(modality)
+        f = np.ones(3, dtype=int)
+        if self.work_mm > 0:
+            f = np.maximum(1, np.floor(self.work_mm / spacing + 1e-6)).astype(int)
         if family == "ct":
-            brain, skull = self._ct(x, spacing)
+            if f.max() > 1:
+                bone_full = x >= self.ct_bone_hu
+                brain_lo, skull_lo = self._ct(block_reduce(x, f, np.mean), spacing * f,
+                                              bone=block_reduce(bone_full, f, np.max))
+                # the 1-voxel (coarse) boundary band is re-decided at full resolution
+                inner = upsample_mask(erode_mm(brain_lo, 1.0, spacing * f), f, x.shape)
+                band = upsample_mask(dilate_mm(brain_lo, 1.0, spacing * f), f, x.shape) & ~inner
+                lo, hi = self.ct_brain_hu
+                smooth = self._smooth(x, spacing)
+                brain = inner | (band & (smooth >= lo) & (smooth <= hi) & ~bone_full)
+                skull = bone_full & upsample_mask(dilate_mm(skull_lo, 1.0, spacing * f), f, x.shape)
+            else:
+                brain, skull = self._ct(x, spacing)
         else:
-            brain, skull = self._mri(x, spacing), None
+            if f.max() > 1:
+                brain = upsample_mask(self._mri(block_reduce(x, f, np.mean), spacing * f), f,
+                                      x.shape, linear=True)
+            else:
+                brain = self._mri(x, spacing)
+            skull = None
         if not brain.any():
             raise ValueError(f"{volume.source}: the fallback found no brain in this {modality} "
                              f"volume (intensity range {float(x.min()):.4g}..{float(x.max()):.4g}); "
@@ -149,10 +207,11 @@ class FallbackBackend:
             return x
         return ndi.gaussian_filter(x, sigma=self.smooth_mm / spacing)
 
-    def _ct(self, hu: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _ct(self, hu: np.ndarray, spacing: np.ndarray,
+            bone: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         r = 4.0 if self.erode_mm is None else self.erode_mm
         smooth = self._smooth(hu, spacing)
-        bone = hu >= self.ct_bone_hu
+        bone = hu >= self.ct_bone_hu if bone is None else bone
         lo, hi = self.ct_brain_hu
         candidate = (smooth >= lo) & (smooth <= hi) & ~dilate_mm(bone, 1.5, spacing)
         brain = self._extract(candidate, r, spacing, close=0.0)
