@@ -1,0 +1,205 @@
+"""Fusion modules and the DiT denoiser: shapes, masking, arguments that change the modules,
+and the sampling contract (K samples batched, steps, guidance, EMA teacher)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ClinFuseDiffCore.config import DiffusionConfig
+from ClinFuseDiffCore.models.denoiser import TokenDenoiser
+from ClinFuseDiffCore.models.fusion import AttentionFusion, DiffusionFusion, MeanFusion
+
+E, M = 16, 4
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def diff_cfg(**kw) -> DiffusionConfig:
+    base = dict(num_train_timesteps=50, num_inference_steps=5, denoiser_depth=2, denoiser_heads=4)
+    base.update(kw)
+    return DiffusionConfig(**base)
+
+
+def make(kind: str, **kw) -> nn.Module:
+    if kind == "mean":
+        return MeanFusion(E)
+    if kind == "attention":
+        return AttentionFusion(E, heads=4, layers=1, dropout=0.0)
+    return DiffusionFusion(E, M, diff_cfg(**kw), attention_heads=4, attention_layers=1, dropout=0.0)
+
+
+def inputs(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(B, M, E, generator=g)
+    avail = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)[:B]
+    return tokens, avail
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, expected",
+    [
+        ("mean", {}, (3, E)),
+        ("attention", {}, (3, E)),
+        ("diffusion", {"num_samples": 1}, (3, E)),
+        ("diffusion", {"num_samples": 4}, (4, 3, E)),
+    ],
+)
+def test_fusion_output_shapes(kind, kwargs, expected):
+    fusion = make(kind).eval()
+    tokens, avail = inputs()
+    with torch.no_grad():
+        out = fusion(tokens, avail, **kwargs)
+    assert out.shape == expected and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["mean", "attention", "diffusion"])
+def test_fusion_ignores_unavailable_tokens(kind):
+    fusion = make(kind).eval()
+    tokens, avail = inputs()
+    other = tokens.clone()
+    other[~avail] = torch.randn(int((~avail).sum()), E) * 100  # garbage in absent slots
+    kw = {"generator": torch.Generator().manual_seed(0)} if kind == "diffusion" else {}
+    kw2 = {"generator": torch.Generator().manual_seed(0)} if kind == "diffusion" else {}
+    with torch.no_grad():
+        assert torch.allclose(fusion(tokens, avail, **kw), fusion(other, avail, **kw2), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mean", "attention"])
+def test_rows_with_no_modality_do_not_produce_nan(kind):
+    fusion = make(kind).eval()
+    tokens, _ = inputs()
+    out = fusion(tokens, torch.zeros(3, M, dtype=torch.bool))
+    assert torch.isfinite(out).all()
+
+
+def test_mean_fusion_is_mean_and_variance_of_available_tokens():
+    fusion = MeanFusion(2)
+    with torch.no_grad():  # make the projection read [mean, var] directly
+        fusion.proj.weight.zero_()
+        fusion.proj.bias.zero_()
+        fusion.proj.weight[0, 0] = 1.0  # output 0 = mean of feature 0
+        fusion.proj.weight[1, 2] = 1.0  # output 1 = variance of feature 0
+    fusion.norm = nn.Identity()
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [100.0, 0.0]]])  # third slot absent
+    out = fusion(tokens, torch.tensor([[True, True, False]]))
+    assert torch.allclose(out, torch.tensor([[2.0, 1.0]]))  # mean 2, population variance 1
+
+
+def test_fusion_types_build_different_modules():
+    counts = {k: n_params(make(k)) for k in ("mean", "attention", "diffusion")}
+    assert len(set(counts.values())) == 3
+    d = make("diffusion")
+    assert isinstance(d.teacher, AttentionFusion) and isinstance(d.denoiser, TokenDenoiser)
+
+
+def test_attention_layers_and_heads_change_the_module():
+    assert n_params(AttentionFusion(E, 4, 2)) > n_params(AttentionFusion(E, 4, 1))
+    a2 = AttentionFusion(E, 2, 1)
+    assert a2.encoder.layers[0].self_attn.num_heads == 2
+    with pytest.raises(ValueError, match="divisible"):
+        AttentionFusion(E, 5, 1)
+
+
+def test_denoiser_depth_and_adaln_zero_init():
+    assert n_params(TokenDenoiser(E, M, depth=3)) > n_params(TokenDenoiser(E, M, depth=1))
+    assert n_params(TokenDenoiser(E, M, mlp_ratio=2.0)) < n_params(TokenDenoiser(E, M, mlp_ratio=4.0))
+    den = TokenDenoiser(E, M, depth=2, heads=4)
+    out = den(torch.randn(5, E), torch.randint(0, 50, (5,)), torch.randn(5, M, E), torch.ones(5, M, dtype=torch.bool))
+    assert out.shape == (5, E)
+    assert torch.all(out == 0)  # adaLN-Zero: zero-initialised modulation and output layer
+
+
+def test_denoiser_uses_timestep_and_condition():
+    torch.manual_seed(0)
+    den = TokenDenoiser(E, M, depth=1, heads=4)
+    for p in den.parameters():  # leave the zero init so the output depends on the inputs
+        nn.init.normal_(p, std=0.2)
+    x, cond, mask = torch.randn(2, E), torch.randn(2, M, E), torch.ones(2, M, dtype=torch.bool)
+    t = torch.tensor([3, 3])
+    base = den(x, t, cond, mask)
+    assert not torch.allclose(base, den(x, torch.tensor([40, 40]), cond, mask))
+    assert not torch.allclose(base, den(x, t, cond + 1.0, mask))
+    assert not torch.allclose(base, den(x, t, cond, torch.zeros_like(mask)))
+
+
+def count_denoiser_calls(fusion: DiffusionFusion):
+    calls = []
+    fusion.denoiser.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_k_samples_are_batched_in_one_call_per_step():
+    fusion = make("diffusion").eval()
+    calls = count_denoiser_calls(fusion)
+    tokens, avail = inputs()
+    z = fusion.sample(tokens, avail, num_samples=6, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (6, 3, E)
+    assert calls == [18] * 5  # 5 DDIM steps, each one call on K*B = 18 rows
+
+
+def test_ddpm_uses_every_step_and_guidance_doubles_the_batch():
+    fusion = make("diffusion", guidance_scale=2.0).eval()
+    calls = count_denoiser_calls(fusion)
+    tokens, avail = inputs()
+    fusion.sample(tokens, avail, num_samples=2, sampler="ddpm")
+    assert calls == [12] * 50  # T = 50 steps; conditional + unconditional rows: 2 * K * B
+
+
+def test_samples_are_reproducible_and_differ_between_draws():
+    fusion = make("diffusion").eval()
+    for p in fusion.denoiser.final.parameters():  # a non-trivial denoiser
+        nn.init.normal_(p, std=0.1)
+    tokens, avail = inputs()
+    a = fusion.sample(tokens, avail, num_samples=3, generator=torch.Generator().manual_seed(1))
+    b = fusion.sample(tokens, avail, num_samples=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a[0], a[1])
+    c = fusion.sample(tokens, avail, num_samples=3, generator=torch.Generator().manual_seed(1), num_inference_steps=2)
+    assert not torch.allclose(a, c)
+
+
+def test_denoise_loss_and_condition_dropout():
+    fusion = make("diffusion")
+    tokens, avail = inputs()
+    z0 = fusion.teacher_target(tokens, avail)
+    for p in fusion.denoiser.parameters():
+        nn.init.normal_(p, std=0.1)
+    calls = []
+    fusion.denoiser.register_forward_pre_hook(lambda mod, args: calls.append(args[3].clone()))
+    loss, x0_hat = fusion.denoise_loss(z0, tokens, avail, generator=torch.Generator().manual_seed(0), cond_dropout=0.0)
+    assert loss.ndim == 0 and x0_hat.shape == (3, E)
+    loss.backward()
+    assert fusion.denoiser.x_embed.weight.grad is not None
+    fusion.denoise_loss(z0, tokens, avail, generator=torch.Generator().manual_seed(0), cond_dropout=0.999)
+    assert torch.equal(calls[0], avail) and not calls[1].any()  # all condition tokens dropped
+
+
+@pytest.mark.parametrize("teacher", ["ema", "stopgrad"])
+def test_teacher_target_has_no_gradient_and_ema_moves(teacher):
+    fusion = make("diffusion", teacher=teacher, ema_decay=0.5)
+    tokens, avail = inputs()
+    tokens.requires_grad_(True)
+    z0 = fusion.teacher_target(tokens, avail)
+    assert not z0.requires_grad
+    if teacher == "stopgrad":
+        assert fusion.teacher_ema is None
+        return
+    with torch.no_grad():
+        for p in fusion.teacher.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in fusion.teacher_ema.parameters()]
+    fusion.update_ema()
+    for b, p_ema, p in zip(before, fusion.teacher_ema.parameters(), fusion.teacher.parameters()):
+        assert torch.allclose(p_ema, 0.5 * b + 0.5 * p)
+    assert not any(p.requires_grad for p in fusion.teacher_ema.parameters())
+
+
+def test_bad_diffusion_settings_raise():
+    with pytest.raises(ValueError, match="cond_dropout"):
+        make("diffusion", cond_dropout=1.0)
+    with pytest.raises(ValueError, match="denoiser_heads"):
+        DiffusionFusion(E, M, diff_cfg(denoiser_heads=3))
+    with pytest.raises(ValueError, match="num_samples"):
+        make("diffusion").sample(*inputs(), num_samples=0)
