@@ -102,6 +102,9 @@ class PreprocessingConfig:
     target_shape: list[int] = field(default_factory=lambda: [128, 128, 128])
     mask_backend: Literal["fallback", "deepbet", "totalsegmentator", "none"] = "fallback"
     mask_modality: Optional[str] = None  # which available modality the mask comes from
+    # The brain mask is computed on a grid no finer than this (mm; the mask backend's cost grows
+    # with the voxel count), then resampled (nearest) onto the output grid.
+    mask_spacing: float = 2.0
     skull_strip: bool = False
     crop_to_brain: bool = True
     crop_margin: int = 4  # voxels around the brain bounding box

@@ -310,9 +310,11 @@ def build_cache(records: Sequence[Any], cfg: PreprocessingConfig, root: Union[st
 
     from tqdm.auto import tqdm
 
-    from .preprocess import validate_preprocessing_config
+    from .preprocess import make_backend, validate_preprocessing_config
 
     validate_preprocessing_config(cfg)
+    # Fail fast (missing optional package, no weights) before any patient; reused in-process.
+    _WORKER_BACKENDS[cfg.mask_backend] = make_backend(cfg)
     t0 = time.perf_counter()
     report = CacheReport()
     jobs = [(r, cfg, str(root)) for r in records]

@@ -16,8 +16,8 @@ Steps (``cfg`` is :class:`~ClinFuseDiffCore.config.PreprocessingConfig`):
    preferred modality (``segmentation.choose_modality``).
 3. Brain mask of the reference from the segmentation backend ``cfg.mask_backend`` (``"none"``:
    the whole field of view), computed on the reference's own grid, or on an axis-aligned RAS grid
-   at ``cfg.spacing`` when the reference is finer than that (cheaper, and the output cannot
-   resolve more).
+   at ``max(cfg.spacing, cfg.mask_spacing)`` when the reference is finer than that (the
+   backend's cost grows with the voxel count), then resampled (nearest) onto the output grid.
 4. Output grid: the brain's RAS bounding box + ``cfg.crop_margin`` output voxels, centred in
    ``cfg.target_shape`` voxels at ``cfg.spacing`` (symmetric padding, as MONAI's
    ``CropForeground`` + ``ResizeWithPadOrCrop``). A box larger than the target is either fitted by
@@ -292,12 +292,13 @@ def _output_grid(box: tuple[np.ndarray, np.ndarray], cfg: PreprocessingConfig
 
 
 def _mask_grid(vol: Volume, cfg: PreprocessingConfig) -> Optional[tuple[np.ndarray, tuple[int, int, int]]]:
-    """Where the brain mask is computed: None = the volume's own grid (when its voxels are no
-    finer than ``cfg.spacing``), else an axis-aligned RAS grid at ``cfg.spacing`` over its field
-    of view (cheaper for the backend, and the output cannot resolve more)."""
-    if np.all(vol.spacing >= 0.99 * np.min(cfg.spacing)):
+    """Where the brain mask is computed: None = the volume's own grid when its voxels are no
+    finer than ``s = max(min(cfg.spacing), cfg.mask_spacing)``, else an axis-aligned RAS grid
+    at ``s`` over its field of view (the backend's cost grows with the voxel count)."""
+    s = max(float(np.min(cfg.spacing)), float(cfg.mask_spacing))
+    if np.all(vol.spacing >= 0.99 * s):
         return None
-    return _ras_grid(vol.bounds_ras(), np.asarray(cfg.spacing, dtype=np.float64))
+    return _ras_grid(vol.bounds_ras(), np.full(3, s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +359,8 @@ def validate_preprocessing_config(cfg: PreprocessingConfig) -> None:
         raise bad("ct_window", cfg.ct_window, "give [low, high] HU with low < high")
     if cfg.crop_margin < 0:
         raise bad("crop_margin", cfg.crop_margin, "must be >= 0")
+    if cfg.mask_spacing <= 0:
+        raise bad("mask_spacing", cfg.mask_spacing, "must be > 0 mm")
     if not 0 <= cfg.min_overlap <= 1:
         raise bad("min_overlap", cfg.min_overlap, "must be in [0, 1]")
 
@@ -370,6 +373,7 @@ def config_params(cfg: PreprocessingConfig) -> dict[str, Any]:
         d[k] = [float(x) for x in d[k]]
     d["target_shape"] = [int(x) for x in d["target_shape"]]
     d["min_overlap"] = float(d["min_overlap"])
+    d["mask_spacing"] = float(d["mask_spacing"])
     d["pipeline_version"] = PIPELINE_VERSION
     return d
 
@@ -380,10 +384,15 @@ def make_backend(cfg: PreprocessingConfig):
         return None
     from .segmentation import get_backend
 
-    if cfg.mask_backend == "totalsegmentator":
-        return get_backend("totalsegmentator", fast=cfg.totalsegmentator_fast,
-                           device=cfg.totalsegmentator_device)
-    return get_backend(cfg.mask_backend)
+    try:
+        if cfg.mask_backend == "totalsegmentator":
+            return get_backend("totalsegmentator", fast=cfg.totalsegmentator_fast,
+                               device=cfg.totalsegmentator_device)
+        return get_backend(cfg.mask_backend)
+    except ImportError as e:
+        raise RuntimeError(f"preprocessing.mask_backend={cfg.mask_backend!r} cannot be used: {e}. "
+                           "Install its optional extra (pip install 'clinfusediff[brain]' for "
+                           "deepbet, '[totalseg]' for TotalSegmentator) or choose 'fallback'") from e
 
 
 def _reference_modality(vols: Mapping[str, Volume], cfg: PreprocessingConfig) -> str:
@@ -437,6 +446,7 @@ def preprocess_patient(
     images_sitk = {m: v.to_sitk() for m, v in vols.items()}
     mask_vol: Optional[Volume] = None
     mask_note = "none"
+    mask_spacing: Optional[list[float]] = None
     if cfg.mask_backend != "none":
         if backend is None:
             backend = make_backend(cfg)
@@ -447,12 +457,12 @@ def preprocess_patient(
             grid[0], source=vols[ref].source)
         brain = backend.segment(work, ref).brain()  # (I, J, K) bool on the work grid
         mask_note = getattr(backend, "name", cfg.mask_backend)
-        if brain.any():
-            mask_vol = Volume(brain.astype(np.float32), work.affine, source="brain mask")
-        else:
-            log.warning("%s: mask backend %r found no brain voxel in %s; using the whole field "
-                        "of view", vols[ref].source, mask_note, ref)
-            mask_note += " (empty: whole field of view)"
+        if not brain.any():
+            raise ValueError(f"{vols[ref].source}: mask backend {mask_note!r} found no brain voxel "
+                             f"in the {ref} image; check the image, or set "
+                             "preprocessing.mask_modality / mask_backend (none = no mask)")
+        mask_vol = Volume(brain.astype(np.float32), work.affine, source="brain mask")
+        mask_spacing = [round(float(x), 4) for x in work.spacing]
 
     # 4. Output grid around the brain (or the reference field of view).
     if mask_vol is not None and cfg.crop_to_brain:
@@ -508,7 +518,7 @@ def preprocess_patient(
     inputs = {m: InputGrid(v.shape, v.affine.copy(), v.source) for m, v in vols.items()}
     if seg_vol is not None:
         inputs["seg"] = InputGrid(seg_vol.shape, seg_vol.affine.copy(), seg_vol.source)
-    info = {"reference_modality": ref, "mask_backend": mask_note,
+    info = {"reference_modality": ref, "mask_backend": mask_note, "mask_grid_spacing": mask_spacing,
             "output_spacing": np.sqrt((out_affine[:3, :3] ** 2).sum(axis=0)).tolist(),
             "norm": norm, "brain_coverage": coverage, "params": config_params(cfg), **grid_info}
     return PreprocessedPatient(pid, images, mask, out_affine, inputs, seg_out, info)

@@ -396,3 +396,15 @@ def test_a_smaller_field_of_view_is_zero_outside_and_not_counted(patient_dir):
     inside = (p.mask == 1)
     inside[:, :, k_top - 1:] = False
     assert np.percentile(p.images["mri_t2"][inside], 99.5) == pytest.approx(1.0, abs=0.02)
+
+
+def test_mask_spacing_sets_the_grid_the_mask_is_computed_on(patient_dir, result):
+    # default 2 mm: the CT reference (2.8 x 1.8 x 1.7 mm) is finer, so a 2 mm RAS grid is used
+    assert result.info["mask_grid_spacing"] == [2.0, 2.0, 2.0]
+    coarse = preprocess_patient(Record("P", write_patient_paths(patient_dir)),
+                                cfg_small(mask_spacing=4.0))
+    assert coarse.info["mask_grid_spacing"] == [4.0, 4.0, 4.0]
+    assert 0.85 < dice(coarse.mask, result.mask) < 1.0  # same brain, coarser edges
+    native = preprocess_patient(Record("P", write_patient_paths(patient_dir)),
+                                cfg_small(mask_modality="pet", mask_spacing=2.0))
+    np.testing.assert_allclose(native.info["mask_grid_spacing"], GRIDS["pet"][1], atol=1e-6)
