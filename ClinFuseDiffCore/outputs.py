@@ -21,13 +21,15 @@ these three files:
       "prediction": {                       # classification
         "class_names": ["low grade", "high grade"],
         "probabilities": {"low grade": 0.2, "high grade": 0.8},   # mean over the K samples
-        "probability_interval": {"low grade": [0.1, 0.3], ...},   # 2.5 / 97.5 percentiles
+        "probability_interval": {"low grade": [0.1, 0.3], ...},   # 95 % interval, or null
+        "interval_method": "percentile" | "normal",
         "predicted_class": "high grade", "predicted_index": 1,
         "samples": 8                                              # K
       },
-      "prediction": {"risk": 0.4, "risk_interval": [0.2, 0.6], "samples": 8},    # survival
-      "prediction": {"value": 3.1, "value_interval": [2.5, 3.6], "samples": 8},  # regression
-      "uncertainty": {"std": 0.05, "entropy": 0.5, "mutual_information": 0.01},
+      "prediction": {"risk": 0.4, "risk_interval": [0.2, 0.6], ...},    # survival (log-hazard)
+      "prediction": {"value": 3.1, "value_interval": [2.5, 3.6], ...},  # regression
+      "uncertainty": {"std": 0.05, "entropy": 0.5, "expected_entropy": 0.49,
+                      "mutual_information": 0.01},
       "contributions": {"mri_t1": 0.31, "clinical": 0.12, ...},  # available modalities only
       "modalities": {"model": [...], "used": [...], "missing": [...]},
       "model": {"checkpoint": "/path/ckpt.pt", "checkpoint_sha256": "...",
@@ -41,9 +43,16 @@ these three files:
 
 ``uncertainty.std`` is the standard deviation over the K samples of the predicted-class
 probability (classification), of the risk (survival) or of the value (regression);
-``entropy`` is the entropy of the mean probabilities (nats) and ``mutual_information`` the
-entropy minus the mean per-sample entropy (the epistemic part; 0 for one sample), both ``null``
-outside classification.
+``entropy`` is the entropy of the mean probabilities (nats), ``expected_entropy`` the mean
+per-sample entropy and ``mutual_information`` their difference (the epistemic part; 0 for one
+sample), all ``null`` outside classification.
+
+Intervals: with the K per-sample outputs (``probability_samples`` / ``value_samples``) they are
+the 2.5 and 97.5 percentiles over the samples (``interval_method: "percentile"``); with only the
+mean and ``std`` they are mean +- 1.96 std, clipped to [0, 1] for probabilities
+(``"normal"``) — for more than two classes then only for the predicted class (others ``null``).
+``contributions`` are as the Predictor defines them (leave-one-out change of the predicted
+class's probability, or of the risk/value, when the modality is removed; may be negative).
 """
 
 from __future__ import annotations
@@ -254,8 +263,11 @@ def build_prediction_record(
     patient_id: str,
     task: Literal["classification", "regression", "survival"],
     probability_samples: Optional[np.ndarray] = None,
+    probabilities: Optional[Sequence[float]] = None,
     class_names: Optional[Sequence[str]] = None,
     value_samples: Optional[np.ndarray] = None,
+    value: Optional[float] = None,
+    num_samples: Optional[int] = None,
     uncertainty: Optional[Mapping[str, Optional[float]]] = None,
     contributions: Optional[Mapping[str, float]] = None,
     model_modalities: Sequence[str] = (),
@@ -270,21 +282,28 @@ def build_prediction_record(
 ) -> dict[str, Any]:
     """Assemble (and check) the ``prediction.json`` record; see the module docstring for the schema.
 
+    Give either the K per-sample outputs (``probability_samples`` (K, C) / ``value_samples``
+    (K,)) or their mean (``probabilities`` (C,) / ``value``) with ``uncertainty["std"]`` and
+    ``num_samples``.
+
     Args:
         patient_id: the patient's ID.
         task: the checkpoint's task.
-        probability_samples: (K, C) per-sample class probabilities (classification); one
-            sample is (1, C).
+        probability_samples: (K, C) per-sample class probabilities (classification).
+        probabilities: (C,) mean class probabilities (classification, without samples).
         class_names: C names; default ``"class 0"``, ``"class 1"``, ...
         value_samples: (K,) per-sample risk (survival) or value (regression).
-        uncertainty: std / entropy / mutual_information; computed from the samples if not given.
-        contributions: modality -> contribution (any scale; stored as given, must be finite).
+        value: mean risk / value (without samples).
+        num_samples: K when only the mean is given.
+        uncertainty: std / entropy / expected_entropy / mutual_information; computed from the
+            samples where not given.
+        contributions: modality -> contribution (must be finite, modalities the patient has).
         model_modalities: the checkpoint's modality order.
         used_modalities: the modalities this patient had (subset of ``model_modalities``).
         checkpoint, checkpoint_sha256, config_hash_: model identity.
-        ttt: test-time training settings and outcome (steps, loss before/after, kept, ...).
+        ttt: test-time training settings and outcome (steps, loss before/after, accepted, ...).
         timings: stage -> seconds.
-        segmentation: description of the written segmentation (file, labels, backend).
+        segmentation: description of the written segmentation (file, labels, colours, backend).
         extra: further JSON-able keys stored under ``"extra"``.
 
     Returns:
@@ -296,52 +315,82 @@ def build_prediction_record(
     if unknown:
         raise ValueError(f"used modalities {unknown} are not modalities of the model "
                          f"{list(model_modalities)}")
+    given_unc = dict(uncertainty or {})
+    for k, v in given_unc.items():
+        if k not in ("std", "entropy", "expected_entropy", "mutual_information"):
+            raise ValueError(f"uncertainty key {k!r} not in ['std', 'entropy', 'expected_entropy', "
+                             "'mutual_information']")
+        if v is not None:
+            _finite(v, f"uncertainty {k}")
     pred: dict[str, Any]
     if task == "classification":
-        if probability_samples is None:
-            raise ValueError("classification needs probability_samples (K, C)")
-        ps = np.asarray(probability_samples, dtype=np.float64)
+        if (probability_samples is None) == (probabilities is None):
+            raise ValueError("classification needs probability_samples (K, C) or probabilities (C,)")
+        ps = np.asarray(probability_samples if probability_samples is not None else probabilities,
+                        dtype=np.float64)
         if ps.ndim == 1:
-            ps = ps[None]
+            ps = ps[None]  # (1, C)
         if ps.ndim != 2 or ps.shape[1] < 2:
-            raise ValueError(f"probability_samples must be (K, C>=2), got shape {ps.shape}")
+            raise ValueError(f"class probabilities must be (K, C>=2) or (C>=2,), got shape {ps.shape}")
         if not np.all(np.isfinite(ps)):
-            raise ValueError("probability_samples contain NaN/inf; the model output is broken")
+            raise ValueError("class probabilities contain NaN/inf; the model output is broken")
         if np.any(np.abs(ps.sum(axis=1) - 1.0) > 1e-3) or ps.min() < -1e-6:
-            raise ValueError("probability_samples rows must be probabilities summing to 1 "
+            raise ValueError("class probabilities must be probabilities summing to 1 "
                              "(pass softmax outputs, not logits)")
         names = list(class_names) if class_names else [f"class {c}" for c in range(ps.shape[1])]
         if len(names) != ps.shape[1]:
             raise ValueError(f"{len(names)} class names for {ps.shape[1]} classes")
         mean = ps.mean(axis=0)  # (C,)
-        lo, hi = np.percentile(ps, [2.5, 97.5], axis=0)  # (C,), (C,)
         top = int(mean.argmax())
+        if probability_samples is not None:
+            lo, hi = np.percentile(ps, [2.5, 97.5], axis=0)  # (C,), (C,)
+            intervals = {n: [float(lo[c]), float(hi[c])] for c, n in enumerate(names)}
+            method, k = "percentile", int(ps.shape[0])
+            unc = classification_uncertainty(ps)
+            unc["expected_entropy"] = float(_entropy(ps).mean())
+        else:
+            if given_unc.get("std") is None:
+                raise ValueError("probabilities without samples need uncertainty['std']")
+            sd = float(given_unc["std"])
+            intervals = {n: None for n in names}
+            for c, n in enumerate(names):
+                if c == top or len(names) == 2:  # binary: both classes share the std
+                    intervals[n] = [max(0.0, float(mean[c]) - 1.96 * sd), min(1.0, float(mean[c]) + 1.96 * sd)]
+            method, k = "normal", int(num_samples or 1)
+            unc = {"std": sd, "entropy": float(_entropy(mean)), "expected_entropy": None,
+                   "mutual_information": None}
         pred = {
             "class_names": names,
             "probabilities": {n: float(mean[c]) for c, n in enumerate(names)},
-            "probability_interval": {n: [float(lo[c]), float(hi[c])] for c, n in enumerate(names)},
+            "probability_interval": intervals,
+            "interval_method": method,
             "predicted_class": names[top],
             "predicted_index": top,
-            "samples": int(ps.shape[0]),
+            "samples": k,
         }
-        unc = classification_uncertainty(ps)
     else:
-        if value_samples is None:
-            raise ValueError(f"{task} needs value_samples (K,)")
-        vs = np.asarray(value_samples, dtype=np.float64).reshape(-1)  # (K,)
-        if vs.size == 0 or not np.all(np.isfinite(vs)):
-            raise ValueError("value_samples are empty or contain NaN/inf")
         key = "risk" if task == "survival" else "value"
-        lo, hi = np.percentile(vs, [2.5, 97.5])
-        pred = {key: float(vs.mean()), f"{key}_interval": [float(lo), float(hi)],
-                "samples": int(vs.size)}
-        unc = {"std": float(vs.std()), "entropy": None, "mutual_information": None}
-    if uncertainty:
-        for k, v in uncertainty.items():
-            if k not in ("std", "entropy", "mutual_information"):
-                raise ValueError(f"uncertainty key {k!r} not in ['std', 'entropy', 'mutual_information']")
-            unc[k] = None if v is None else _finite(v, f"uncertainty {k}")
-    contrib = {str(k): _finite(v, f"contribution of {k}") for k, v in (contributions or {}).items()}
+        if (value_samples is None) == (value is None):
+            raise ValueError(f"{task} needs value_samples (K,) or value")
+        if value_samples is not None:
+            vs = np.asarray(value_samples, dtype=np.float64).reshape(-1)  # (K,)
+            if vs.size == 0 or not np.all(np.isfinite(vs)):
+                raise ValueError("value_samples are empty or contain NaN/inf")
+            lo, hi = np.percentile(vs, [2.5, 97.5])
+            mean_v, method, k, sd = float(vs.mean()), "percentile", int(vs.size), float(vs.std())
+        else:
+            mean_v = _finite(value, key)
+            if given_unc.get("std") is None:
+                raise ValueError(f"{key} without samples needs uncertainty['std']")
+            sd = float(given_unc["std"])
+            lo, hi = mean_v - 1.96 * sd, mean_v + 1.96 * sd
+            method, k = "normal", int(num_samples or 1)
+        pred = {key: mean_v, f"{key}_interval": [float(lo), float(hi)], "interval_method": method,
+                "samples": k}
+        unc = {"std": sd, "entropy": None, "expected_entropy": None, "mutual_information": None}
+    for kk, v in given_unc.items():
+        unc[kk] = None if v is None else float(v)
+    contrib = {str(kk): _finite(v, f"contribution of {kk}") for kk, v in (contributions or {}).items()}
     not_used = sorted(set(contrib) - set(used_modalities)) if used_modalities else []
     if not_used:
         raise ValueError(f"contributions given for {not_used}, which the patient does not have")
@@ -367,7 +416,7 @@ def build_prediction_record(
         },
         "ttt": dict(ttt or {}),
         "segmentation": dict(segmentation) if segmentation else None,
-        "timings_s": {str(k): float(v) for k, v in (timings or {}).items()},
+        "timings_s": {str(kk): float(v) for kk, v in (timings or {}).items()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"clinfusediff": __version__},
         **({"extra": dict(extra)} if extra else {}),
@@ -546,18 +595,20 @@ def render_report(
     if task == "classification":
         cls = pred["class_names"]
         p = np.array([pred["probabilities"][c] for c in cls])
-        iv = np.array([pred["probability_interval"][c] for c in cls])  # (C, 2)
+        ivs = [pred["probability_interval"].get(c) for c in cls]
+        iv = np.array([v if v is not None else [pp, pp] for v, pp in zip(ivs, p)])  # (C, 2)
         y = np.arange(len(cls))
         bar_colors = ["#d62728" if i == pred["predicted_index"] else "#9e9e9e" for i in y]
         ax_p.barh(y, p, color=bar_colors, height=0.6)
         ax_p.errorbar(p, y, xerr=np.abs(np.stack([p - iv[:, 0], iv[:, 1] - p])), fmt="none",
                       ecolor="black", capsize=5, lw=1.5)
         ax_p.set_yticks(y)
-        ax_p.set_yticklabels([f"{c}\n{pp:.2f} [{a:.2f}–{b:.2f}]" for c, pp, (a, b) in zip(cls, p, iv)],
-                             fontsize=9)
+        ax_p.set_yticklabels([f"{c}\n{pp:.2f}" + (f" [{v[0]:.2f}–{v[1]:.2f}]" if v else "")
+                              for c, pp, v in zip(cls, p, ivs)], fontsize=9)
         ax_p.set_xlim(0, 1)
         ax_p.axvline(0.5, color="black", lw=0.6, ls=":")
-        ax_p.set_xlabel(f"probability; whisker: 95% interval, K={pred['samples']} samples",
+        how = "±1.96 std" if pred.get("interval_method") == "normal" else "95% interval"
+        ax_p.set_xlabel(f"probability; whisker: {how} over K={pred['samples']} samples",
                         fontsize=8.5)
         top = pred["predicted_index"]
         ax_p.set_title(f"Prediction: {pred['predicted_class']} (p={p[top]:.2f})", fontsize=12,
@@ -571,7 +622,9 @@ def render_report(
         pad = max(hi - lo, abs(v) * 0.2, 1e-3)
         ax_p.set_xlim(lo - pad, hi + pad)
         ax_p.set_yticks([])
-        ax_p.set_xlabel(f"{key}; whisker: 95% interval, K={pred['samples']} samples", fontsize=8.5)
+        how = "±1.96 std" if pred.get("interval_method") == "normal" else "95% interval"
+        ax_p.set_xlabel(f"{key}{' (log-hazard)' if key == 'risk' else ''}; whisker: {how}, "
+                        f"K={pred['samples']} samples", fontsize=8.5)
         ax_p.set_title(f"Predicted {key}: {v:.3g} [{lo:.3g}–{hi:.3g}]", fontsize=12,
                        fontweight="bold", color="#b71c1c")
     ax_p.grid(axis="x", alpha=0.3)

@@ -216,3 +216,32 @@ def test_report_regression_without_segmentation(tmp_path):
     assert out.stat().st_size > 10_000
     with pytest.raises(ValueError, match="at least one image"):
         render_report({}, None, rec, tmp_path / "x.png")
+
+
+def test_prediction_record_from_mean_and_std():
+    """What the Predictor gives (mean probabilities + std over K): normal-approximation intervals."""
+    rec = _record(probability_samples=None, probabilities=[0.3, 0.7], num_samples=8,
+                  uncertainty={"std": 0.1, "entropy": 0.61, "expected_entropy": 0.6,
+                               "mutual_information": 0.01})
+    p = rec["prediction"]
+    assert p["interval_method"] == "normal" and p["samples"] == 8
+    assert p["probability_interval"]["high"] == pytest.approx([0.7 - 0.196, 0.7 + 0.196])
+    assert p["probability_interval"]["low"] == pytest.approx([0.3 - 0.196, 0.3 + 0.196])
+    assert rec["uncertainty"]["mutual_information"] == 0.01
+    three = _record(probability_samples=None, probabilities=[0.1, 0.85, 0.05], num_samples=4,
+                    class_names=["a", "b", "c"], uncertainty={"std": 0.2})
+    iv = three["prediction"]["probability_interval"]
+    assert iv["a"] is None and iv["c"] is None and iv["b"] == pytest.approx([0.85 - 0.392, 1.0])
+    with pytest.raises(ValueError, match="std"):
+        _record(probability_samples=None, probabilities=[0.3, 0.7])
+    with pytest.raises(ValueError, match="or probabilities"):
+        _record(probabilities=[0.3, 0.7], uncertainty={"std": 0.1})  # both given
+    surv = _record(task="survival", probability_samples=None, value=0.4, uncertainty={"std": 0.05})
+    assert surv["prediction"]["risk_interval"] == pytest.approx([0.302, 0.498])
+
+
+def test_report_with_normal_intervals(tmp_path):
+    t1, seg, _b, _t = _phantom()
+    rec = _record(probability_samples=None, probabilities=[0.1, 0.85, 0.05], num_samples=4,
+                  class_names=["a", "b", "c"], uncertainty={"std": 0.2})
+    assert render_report({"mri_t1": t1}, seg, rec, tmp_path / "r.png").stat().st_size > 10_000
