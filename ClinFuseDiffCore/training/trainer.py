@@ -40,6 +40,7 @@ uses gloo (CPU) or nccl (CUDA), a ``DistributedSampler`` re-seeded with ``set_ep
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -71,6 +72,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    model: Optional[nn.Module] = None  # the model after the last epoch (this process's copy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,10 +473,11 @@ def train(
 
     # -- feature bank for TTT (end to end: encoders changed every step, so compute it now) ---------
     if main and not interrupted and not features_mode:
+        bank_model = copy.deepcopy(model)  # `model` keeps the last weights on every rank
         for path in (last_path, best_path):
             ck = load_checkpoint(path, map_location="cpu")
-            model.load_state_dict(ck["model"])
-            enc = encode_dataset(model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
+            bank_model.load_state_dict(ck["model"])
+            enc = encode_dataset(bank_model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
             ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
             save_checkpoint(path, ck)
     if main:
@@ -485,7 +488,7 @@ def train(
     barrier(dist_info)
     cleanup(dist_info)
     return TrainResult(out_dir, best_path, last_path, best_metric, best_epoch, history,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, model)
 
 
 def train_fusions(
