@@ -9,6 +9,8 @@ Figures (medians over repeats, on this machine):
    backend (adds the brain mask, computed once per patient).
 2. Cache: ``PreprocessCache.load_or_build`` on a hit (hash the input files + read and verify the
    entry) against building from the raw files, and against only reading the raw files.
+3. A geometry check on the generated cohort (``geometry_check``): canonical RAS, target shape,
+   and agreement with an independent nibabel/scipy resampling onto the stored affine.
 
 Usage::
 
@@ -113,6 +115,41 @@ def _bench_records(label: str, records: list[PatientRecord], cfg: PreprocessingC
     }
 
 
+def geometry_check(records: list[PatientRecord], cfg: PreprocessingConfig) -> dict[str, Any]:
+    """Independent check of the output geometry on real cohort files: nibabel/scipy resampling
+    (not SimpleITK) of each raw file onto the stored output affine must give our image (after
+    the stored normalisation) and our labelmap.
+
+    Returns:
+        ``{"patients", "all_ras", "all_target_shape", "seg_dice_min", "image_agree_min"}`` where
+        ``image_agree`` is the fraction of voxels within 0.02 of the independent resampling.
+    """
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    dices, agree, ras, shape_ok = [], [], [], []
+    for r in records:
+        p = preprocess_patient(r, cfg)
+        ras.append(nib.aff2axcodes(p.affine) == ("R", "A", "S")
+                   and np.allclose(p.affine[:3, :3], np.diag(p.spacing)))
+        shape_ok.append(all(a.shape == tuple(cfg.target_shape) for a in p.images.values()))
+        for m, path in r.images.items():
+            src = nib.load(path)  # as float: an int16 output would turn the NaN fill into 0
+            src = nib.Nifti1Image(np.asarray(src.dataobj, np.float32), src.affine)
+            ref = resample_from_to(src, (p.shape, p.affine), order=1, cval=np.nan)
+            lo, hi = p.info["norm"][m]
+            expect = np.clip((np.asarray(ref.dataobj, float) - lo) / (hi - lo), 0, 1)
+            ok = np.isfinite(expect)
+            agree.append(float(np.mean(np.abs(expect[ok] - p.images[m][ok]) < 0.02)))
+        if r.seg is not None:
+            seg = np.asarray(resample_from_to(nib.load(r.seg), (p.shape, p.affine), order=0).dataobj)
+            a, b = seg > 0, p.seg > 0
+            dices.append(float(2 * (a & b).sum() / max(1, a.sum() + b.sum())))
+    return {"patients": len(records), "all_ras": all(ras), "all_target_shape": all(shape_ok),
+            "seg_dice_min": min(dices) if dices else None,
+            "image_agree_min": min(agree) if agree else None}
+
+
 def _brats_sized_case(folder: Path, source: PatientRecord) -> PatientRecord:
     """One patient at BraTS size (240x240x155, 1 mm): the source's MRI resampled up with
     SimpleITK (the anatomy is the synthetic one; only the grid size matters here)."""
@@ -145,7 +182,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         quick: 3 small patients, 2 repeats, no BraTS-sized case.
 
     Returns:
-        ``{"cases": [per-case dict with ms_per_volume and ratios], "quick": bool}``.
+        ``{"cases": [per-case dict with ms_per_volume and ratios], "geometry":
+        geometry_check(...) on the demo cohort, "quick": bool}``.
     """
     from ClinFuseDiffCore.data.synth.cohort import generate_cohort
 
@@ -160,12 +198,13 @@ def run(quick: bool = False) -> dict[str, Any]:
         repeats = 2 if quick else 3
         results.append(_bench_records("demo cohort (demo.yaml preprocessing)", records,
                                       cfg_all.preprocessing, tmp / "cache_demo", repeats))
+        geometry = geometry_check(records, cfg_all.preprocessing)
         if not quick:
             big = _brats_sized_case(tmp / "brats_sized" / "B001", records[0])
             cfg = PreprocessingConfig()  # defaults: 1 mm, 128^3
             results.append(_bench_records("BraTS-sized 240x240x155 @1 mm (default preprocessing)",
                                           [big], cfg, tmp / "cache_big", 3))
-    return {"quick": quick, "cases": results}
+    return {"quick": quick, "cases": results, "geometry": geometry}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<28s} {v:8.1f} ms/volume")
         for k, v in case["ratios"].items():
             print(f"  {k:<28s} {v:8.2f}x")
+    g = out["geometry"]
+    print(f"\ngeometry check ({g['patients']} patients, independent nibabel resampling): "
+          f"canonical RAS {g['all_ras']}, target shape {g['all_target_shape']}, "
+          f"seg Dice min {g['seg_dice_min']:.4f}, image voxels within 0.02 min {g['image_agree_min']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
