@@ -616,10 +616,14 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         inputDir.mkdir(parents=True, exist_ok=True)
         cmd = [self.pythonSlicerExecutable(), "-m", "ClinFuseDiffCore.cli", "infer",
                "--checkpoint", str(_pathOrNone(parameterNode.checkpointPath))]
-        for name, node in self.selectedVolumes(parameterNode).items():
+        volumes = self.selectedVolumes(parameterNode)
+        for name, node in volumes.items():
             path = inputDir / f"{name}.nrrd"
             self.writeVolume(node, path)
             cmd += ["--modality", f"{name}={path}"]
+        # The segmentation is written on the grid of the first selected volume: the reference
+        # geometry the results are shown with.
+        cmd += ["--reference", next(iter(volumes))]
         if parameterNode.useClinical:
             csv = _pathOrNone(parameterNode.clinicalCsvPath)
             if csv is not None:
@@ -629,7 +633,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
                 pid = parameterNode.clinicalPatientId.strip() or "patient"
                 csvPath = inputDir / "clinical.csv"
                 csvPath.write_text(",".join(["patient_id", *values]) + "\n" + ",".join([pid, *values.values()]) + "\n")
-                cmd += ["--clinical", str(csvPath), "--id", pid]
+                cmd += ["--clinical", str(csvPath), "--id", pid, "--id-column", "patient_id"]
         if not parameterNode.useTTT:
             cmd += ["--no-ttt"]
         elif parameterNode.tttSteps > 0:

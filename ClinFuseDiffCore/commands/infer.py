@@ -1,0 +1,304 @@
+"""``clinfusediff infer``: one patient -> prediction.json, a .seg.nrrd segmentation and report.png.
+
+The exact code path of the Slicer module (which writes the selected volumes to a temporary folder
+and runs this command in a ``PythonSlicer`` subprocess). Progress is printed as lines
+``PROGRESS <percent> <stage>`` that the module turns into its progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "predict one patient: prediction.json, a .seg.nrrd segmentation and report.png"
+DESCRIPTION = (
+    "Run a trained checkpoint on one patient, with test-time training and K diffusion samples "
+    "for the uncertainty. Inputs: a patient folder (--patient DIR, generic or BraTS file names; "
+    "the cohort's clinical_data.csv next to it is used for the patient's row) or volumes "
+    "(--modality mri_t1=t1.nii.gz --modality ct=ct.nrrd ...), plus optional clinical values "
+    "(--clinical CSV --id ID). Writes DIR/prediction.json, DIR/segmentation.seg.nrrd (brain mask "
+    "from the checkpoint's mask backend, on the grid of the reference volume, named and coloured "
+    "segments) and DIR/report.png."
+)
+
+SEGMENTATION_FILE = "segmentation.seg.nrrd"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt written by clinfusediff train")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--patient", metavar="DIR",
+                     help="patient folder (<modality>.nii.gz files, or BraTS *_t1/_t1ce/_t2/_flair names)")
+    src.add_argument("--modality", action="append", metavar="NAME=PATH",
+                     help="one image: modality name (mri_t1, mri_t1ce, mri_t2, mri_flair, ct, pet) = "
+                          "file (NIfTI, NRRD, MHA) or DICOM folder; repeat per modality")
+    p.add_argument("--clinical", metavar="CSV", help="CSV with a patient ID column and clinical columns")
+    p.add_argument("--id", dest="patient_id", metavar="ID",
+                   help="the patient's ID (row of --clinical; default: the folder name or 'patient')")
+    p.add_argument("--id-column", default=None, metavar="COLUMN",
+                   help="patient ID column of --clinical (default: the checkpoint's data.id_column)")
+    p.add_argument("--no-ttt", action="store_true", help="skip test-time training")
+    p.add_argument("--ttt-steps", type=int, default=None, metavar="N",
+                   help="test-time training steps (default: the checkpoint's ttt.steps)")
+    p.add_argument("--samples", type=int, default=None, metavar="K",
+                   help="diffusion samples for the uncertainty (default: the checkpoint's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--reference", metavar="NAME", default=None,
+                   help="modality whose grid the segmentation is written on (default: the one the "
+                        "mask is computed from)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion and TTT noise")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+
+def progress(percent: int, stage: str) -> None:
+    """One machine-readable progress line (parsed by the Slicer module)."""
+    print(f"PROGRESS {int(percent)} {stage}", flush=True)
+
+
+def parse_modality_args(items, registry) -> dict:
+    """``["mri_t1=a.nii.gz", ...]`` -> ``{"mri_t1": Path("a.nii.gz")}``; checks names and files.
+
+    Raises:
+        ValueError: malformed item, unknown or non-image modality name, a modality given twice.
+        FileNotFoundError: a file that does not exist.
+    """
+    from pathlib import Path
+
+    out: dict[str, Path] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--modality {item!r} must look like NAME=PATH, e.g. mri_t1=t1.nii.gz")
+        name, path = (s.strip() for s in item.split("=", 1))
+        if name not in registry.names or not registry.is_image(name):
+            images = [n for n in registry.names if registry.is_image(n)]
+            raise ValueError(f"--modality {name!r} is not an image modality; use one of {images} "
+                             "(clinical values go in --clinical)")
+        if name in out:
+            raise ValueError(f"--modality {name} given twice ({out[name]} and {path}); give one file per modality")
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"--modality {name}: {p} does not exist")
+        out[name] = p
+    return out
+
+
+def patient_folder_images(folder, image_modalities) -> dict:
+    """Image files of one patient folder (generic or BraTS names), via the cohort discovery."""
+    from pathlib import Path
+
+    from ..data.discovery import discover_patients
+
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--patient {folder}: no such folder")
+    records, skips = discover_patients(folder.parent, "auto", list(image_modalities))
+    for r in records:
+        if Path(r.root).resolve() == folder:
+            return dict(r.images)
+    why = [str(s) for s in skips if folder.name in str(s)]
+    raise ValueError(f"--patient {folder}: no image of the checkpoint's modalities {list(image_modalities)} "
+                     f"found{(': ' + '; '.join(why)) if why else ''}; name the files <modality>.nii.gz "
+                     "(e.g. mri_t1.nii.gz) or use BraTS names, or pass --modality NAME=PATH")
+
+
+def read_clinical_row(csv_path, patient_id: str, id_column: str) -> dict:
+    """The row of ``patient_id`` in a CSV as {column: value} (without the ID column)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(csv_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--clinical {path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or id_column not in reader.fieldnames:
+            raise ValueError(f"--clinical {path}: no {id_column!r} column (columns: {reader.fieldnames}); "
+                             f"the checkpoint expects patient IDs in {id_column!r}")
+        ids = []
+        for row in reader:
+            rid = (row.get(id_column) or "").strip()
+            ids.append(rid)
+            if rid == patient_id:
+                return {k: v for k, v in row.items() if k != id_column and k is not None}
+    raise ValueError(f"--clinical {path}: no row with {id_column}={patient_id!r} (first IDs: {ids[:5]}); "
+                     "give the patient's ID with --id")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import time
+    from pathlib import Path
+
+    from ..data.volume import Volume, check_overlap
+    from ..modalities import ModalityRegistry
+    from ..utils import safe_id
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out_dir = Path(args.out).expanduser()
+    ckpt_path = Path(args.checkpoint).expanduser()
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--checkpoint {ckpt_path}: no such file")
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.ttt_steps is not None and args.ttt_steps < 0:
+        raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
+    if args.clinical and not args.patient_id and not args.patient:
+        raise ValueError("--clinical needs --id (which row of the CSV is this patient)")
+
+    # Check the input names and files before the (slow) checkpoint load.
+    registry = ModalityRegistry()
+    given = parse_modality_args(args.modality, registry) if args.modality else None
+    if given is not None and args.reference is not None and args.reference not in given:
+        raise ValueError(f"--reference {args.reference!r} is not among the given modalities {sorted(given)}")
+
+    progress(2, "loading checkpoint")
+    t0 = time.perf_counter()
+    from ..inference import PatientInput, Predictor
+
+    predictor = Predictor.from_checkpoint(ckpt_path, device=args.device)
+    cfg = predictor.cfg
+    model_images = list(predictor.model.image_modalities)
+    model_tabular = list(predictor.model.tabular_modalities)
+    timings["load"] = time.perf_counter() - t0
+
+    if given is None:
+        given = patient_folder_images(args.patient, model_images)
+    not_in_model = sorted(set(given) - set(model_images))
+    if not_in_model:
+        raise ValueError(f"the checkpoint {ckpt_path.name} was trained for the image modalities "
+                         f"{model_images}; it cannot use {not_in_model}. Drop them or use a "
+                         "checkpoint trained with them")
+    if not given:
+        raise ValueError("no image volume given; pass --patient DIR or --modality NAME=PATH")
+    given = {m: given[m] for m in model_images if m in given}  # the checkpoint's modality order
+    pid = safe_id(args.patient_id or (Path(args.patient).name if args.patient else "patient"))
+
+    clinical_csv = args.clinical
+    if clinical_csv is None and args.patient and "clinical" in model_tabular:
+        tab_cfg = cfg.data.tabular.get("clinical")
+        candidate = Path(args.patient).expanduser().resolve().parent / (tab_cfg.file if tab_cfg else "clinical_data.csv")
+        if candidate.is_file():
+            clinical_csv = candidate
+            print(f"clinical values: {candidate} (row {pid})", flush=True)
+    tabular = {}
+    if clinical_csv is not None:
+        if "clinical" not in model_tabular:
+            raise ValueError(f"the checkpoint {ckpt_path.name} has no 'clinical' modality (its modalities: "
+                             f"{predictor.modalities}); drop --clinical or use a checkpoint trained with it")
+        try:
+            tabular["clinical"] = read_clinical_row(clinical_csv, pid, args.id_column or cfg.data.id_column)
+        except ValueError:
+            if args.clinical:
+                raise
+            print(f"clinical values: no row for {pid} in {clinical_csv}; clinical is missing", flush=True)
+
+    progress(8, "reading volumes")
+    t0 = time.perf_counter()
+    volumes = {m: Volume.from_file(p) for m, p in given.items()}
+    check_overlap(volumes, cfg.preprocessing.min_overlap)
+    timings["read"] = time.perf_counter() - t0
+
+    # Segmentation on an input grid (what Slicer shows over the input volume).
+    progress(15, "segmentation")
+    t0 = time.perf_counter()
+    seg_vol, seg_info = segment(volumes, cfg.preprocessing, args.reference)
+    timings["segmentation"] = time.perf_counter() - t0
+
+    progress(30, "preprocessing, encoding, test-time training, sampling")
+    if args.ttt_steps is not None:
+        predictor.cfg.ttt.steps = int(args.ttt_steps)
+    use_ttt = (not args.no_ttt) and predictor.is_diffusion and (args.ttt_steps != 0)
+    if not args.no_ttt and not predictor.is_diffusion:
+        print(f"note: test-time training needs a diffusion checkpoint (this one: fusion="
+              f"{predictor.model.fusion_type}); running without it", flush=True)
+    t0 = time.perf_counter()
+    pred = predictor.predict([PatientInput(images=volumes, tabular=tabular, patient_id=pid)],
+                             ttt=use_ttt, samples=args.samples, seed=args.seed)[0]
+    timings["predict"] = time.perf_counter() - t0
+    for k in ("encode", "ttt", "sampling"):
+        if k in pred.timings:
+            timings[k] = float(pred.timings[k])
+
+    progress(85, "writing outputs")
+    from ..outputs import (build_prediction_record, config_hash, file_sha256, render_report,
+                           write_prediction_json, write_segmentation)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seg_path = write_segmentation(seg_vol, seg_info["labels"], seg_info["colors"], out_dir / SEGMENTATION_FILE)
+    unc = {k: v for k, v in pred.uncertainty.items() if k in ("std", "entropy", "expected_entropy", "mutual_information")}
+    num_samples = int(pred.uncertainty.get("num_samples", args.samples or 1))
+    ttt_info = dict(pred.ttt)
+    ttt_info["enabled"] = bool(use_ttt)
+    if use_ttt:
+        ttt_info.setdefault("steps", predictor.cfg.ttt.steps)
+    timings["total"] = time.perf_counter() - t_start
+    common = dict(
+        patient_id=pid, task=pred.task, uncertainty=unc, num_samples=num_samples,
+        contributions=pred.contributions, model_modalities=predictor.modalities,
+        used_modalities=pred.modalities_used, checkpoint=ckpt_path.resolve(),
+        checkpoint_sha256=file_sha256(ckpt_path), config_hash_=config_hash(cfg.to_dict()),
+        ttt=ttt_info, timings=timings,
+        segmentation={"file": seg_path.name, **{k: v for k, v in seg_info.items() if k != "colors"},
+                      "labels": {str(k): v for k, v in seg_info["labels"].items()},
+                      "colors": {str(k): list(v) for k, v in seg_info["colors"].items()}},
+        extra={"inputs": {m: str(p) for m, p in given.items()},
+               **({"clinical_csv": str(clinical_csv)} if tabular else {})},
+    )
+    if pred.task == "classification":
+        record = build_prediction_record(probabilities=pred.probabilities, **common)
+    else:
+        record = build_prediction_record(value=pred.risk, **common)
+    write_prediction_json(out_dir / "prediction.json", record)
+    render_report(volumes, seg_vol, record, out_dir / "report.png")
+
+    p = record["prediction"]
+    if pred.task == "classification":
+        top = p["predicted_class"]
+        summary = f"predicted {top} (p={p['probabilities'][top]:.3f})"
+    else:
+        key = "risk" if pred.task == "survival" else "value"
+        summary = f"{key} {p[key]:.4g}"
+    print(f"{pid}: {summary}; uncertainty std {record['uncertainty']['std']:.3g}; used "
+          f"{record['modalities']['used']}, missing {record['modalities']['missing']}; "
+          f"{timings['total']:.1f} s", flush=True)
+    print(f"wrote {out_dir / 'prediction.json'}, {seg_path}, {out_dir / 'report.png'}", flush=True)
+    progress(100, "done")
+    return 0
+
+
+def segment(volumes, pre_cfg, reference=None):
+    """Brain (and skull, for CT with TotalSegmentator) labelmap on one input grid.
+
+    Uses the checkpoint's ``preprocessing.mask_backend`` (``fallback`` when it is ``none``) on the
+    modality it prefers (``preprocessing.mask_modality`` if the patient has it), then maps the
+    labels onto ``reference``'s grid (nearest neighbour) when another reference is asked for.
+
+    Returns:
+        (labelmap ``Volume`` (I, J, K) on the reference grid, info dict with ``labels``,
+        ``colors``, ``backend``, ``modality``, ``reference``).
+    """
+    import logging
+
+    import numpy as np
+
+    from ..data.preprocess import make_backend
+    from ..data.segmentation import choose_modality, get_backend
+
+    backend = make_backend(pre_cfg) if pre_cfg.mask_backend != "none" else None
+    if backend is None:
+        backend = get_backend("fallback")
+    name = getattr(backend, "name", pre_cfg.mask_backend)
+    wanted = pre_cfg.mask_modality if pre_cfg.mask_modality in volumes else None
+    modality = choose_modality(volumes, name, wanted)
+    labelmap = backend.segment(volumes[modality], modality)
+    vol = labelmap.volume
+    ref = reference or modality
+    if ref != modality:
+        vol = vol.resample_to(volumes[ref], interpolation="nearest")
+    if not np.asarray(vol.array).any():
+        logging.getLogger(__name__).warning("%s: the %s backend found no brain voxel; the segmentation "
+                                            "is empty", volumes[modality].source, name)
+    info = {"labels": dict(labelmap.labels), "colors": dict(labelmap.colors), "backend": name,
+            "modality": modality, "reference": ref}
+    return vol, info
