@@ -568,6 +568,8 @@ class TrainingCohort:
     split: dict[str, list[str]]
     datasets: dict[str, MultimodalDataset]
     skips: list[Any] = field(default_factory=list)
+    # encoder tokens computed once per (encoder checkpoint, device), reused by every fusion
+    token_cache: dict[Any, Any] = field(default_factory=dict)
 
     def tabular_dims_dict(self) -> dict[str, dict[str, Any]]:
         return {k: v.to_dict() for k, v in self.tabular_dims.items()}

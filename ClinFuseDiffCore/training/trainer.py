@@ -274,8 +274,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from ..data.dataset import prepare_cohort
-    from ..data.dataset import FeatureDataset, ModalityDropout, collate
+    from ..data.dataset import FeatureDataset, ModalityDropout, collate, prepare_cohort
     from ..models import build_model
 
     t_start = time.perf_counter()
@@ -320,9 +319,13 @@ def train(
         model.encoders.load_state_dict(enc_state)  # strict: the same encoder architecture
         model.encoders.requires_grad_(False)
         dropout = ModalityDropout.from_config(cfg.data, cohort.modalities)
-        encoded = {}
-        for part, ds in (("train", train_ds), ("val", val_ds)):
-            encoded[part] = encode_dataset(model, ds, device, max(tc.batch_size, 16), tc.amp)
+        # Features are computed once: every fusion trained on these encoders reuses them.
+        cache_key = (str(Path(encoder_checkpoint).resolve()), str(device))
+        encoded = cohort.token_cache.get(cache_key)
+        if encoded is None:
+            encoded = {part: encode_dataset(model, ds, device, max(tc.batch_size, 16), tc.amp)
+                       for part, ds in (("train", train_ds), ("val", val_ds))}
+            cohort.token_cache[cache_key] = encoded
         keep = [i for i, a in enumerate(encoded["train"]["available"].numpy()) if dropout.can_sample(a)]
         tr = encoded["train"]
         train_ds = FeatureDataset(tr["tokens"][keep], tr["available"][keep], tr["target"][keep].tolist(),
