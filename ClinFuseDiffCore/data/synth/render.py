@@ -241,7 +241,7 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
             d = rng.normal(size=3)
             d /= np.linalg.norm(d)
             bc = centre + (0.7 * p.tumour_radius_mm * rng.uniform(0, 1) ** (1 / 3) * d).astype(np.float32)
-            br = np.float32(rng.uniform(2.0, 3.5))
+            br = np.float32(rng.uniform(2.5, 4.5))
             hit = ((yt - bc[:, None]) ** 2).sum(axis=0) < br * br
             calc.reshape(-1)[tidx[hit]] = True
             blobs.append(round(float(br), 2))
