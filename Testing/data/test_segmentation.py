@@ -7,7 +7,13 @@ import pytest
 from scipy import ndimage as ndi
 
 from ClinFuseDiffCore.data.segmentation import (
-    BRAIN, SKULL, Labelmap, SegmentationBackend, brain_mask, choose_modality, get_backend,
+    BRAIN,
+    SKULL,
+    Labelmap,
+    SegmentationBackend,
+    brain_mask,
+    choose_modality,
+    get_backend,
     modality_family,
 )
 from ClinFuseDiffCore.data.volume import Volume
@@ -21,8 +27,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def heads():
     """MNI152 2 mm brain + 2 mm CSF + 6 mm skull shell + 6 mm scalp, as a T1-like and a CT-like
     head (with noise), plus the known brain and skull masks and the affine."""
-    from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template,
-                                  load_mni152_template, load_mni152_wm_template)
+    from nilearn.datasets import (
+        load_mni152_brain_mask,
+        load_mni152_gm_template,
+        load_mni152_template,
+        load_mni152_wm_template,
+    )
 
     rng = np.random.default_rng(0)
     t1_img = load_mni152_template(resolution=2)

@@ -21,11 +21,13 @@ import pytest
 pytest.importorskip("totalsegmentator",
                     reason="TotalSegmentator not installed (the [totalseg] extra; CI installs it)")
 
-from ClinFuseDiffCore.data.segmentation import BRAIN, brain_mask, get_backend  # noqa: E402
-from ClinFuseDiffCore.data.segmentation.totalseg import (  # noqa: E402
-    TotalSegmentatorBackend, required_weights, run_totalsegmentator,
+from ClinFuseDiffCore.data.segmentation import BRAIN, brain_mask, get_backend
+from ClinFuseDiffCore.data.segmentation.totalseg import (
+    TotalSegmentatorBackend,
+    required_weights,
+    run_totalsegmentator,
 )
-from ClinFuseDiffCore.data.volume import Volume  # noqa: E402
+from ClinFuseDiffCore.data.volume import Volume
 
 pytestmark = pytest.mark.totalseg
 
@@ -43,7 +45,8 @@ def build_standin_model(home: Path, dataset_id: int, dataset_name: str, trainer:
     import torch
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprints, plan_experiments,
+        extract_fingerprints,
+        plan_experiments,
     )
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

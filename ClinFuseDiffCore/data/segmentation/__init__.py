@@ -15,8 +15,9 @@ Label ids are shared: 1 = ``brain``, 2 = ``skull``; ``brain_structures`` keeps i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Optional, Protocol, Union, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -165,7 +166,7 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
 
 
 def choose_modality(volumes: Mapping[str, Volume], backend_name: str,
-                    modality: Optional[str] = None) -> str:
+                    modality: str | None = None) -> str:
     """The modality the brain mask is computed from: ``modality`` if given, else the backend's
     preferred one among ``volumes`` (T1 for deepbet, CT when present for the others).
 
@@ -186,8 +187,8 @@ def choose_modality(volumes: Mapping[str, Volume], backend_name: str,
     return next(iter(volumes))
 
 
-def brain_mask(volumes: Mapping[str, Volume], backend: Union[SegmentationBackend, str],
-               modality: Optional[str] = None) -> Volume:
+def brain_mask(volumes: Mapping[str, Volume], backend: SegmentationBackend | str,
+               modality: str | None = None) -> Volume:
     """Brain mask of one patient, on the grid of the modality it is computed from.
 
     Args:

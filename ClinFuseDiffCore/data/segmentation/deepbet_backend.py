@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class DeepBetBackend:
     n_dilate: int = 0
     device: str = "cpu"
     name: str = "deepbet"
-    _model: Optional[Any] = field(default=None, init=False, repr=False)
+    _model: Any | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "gpu"):

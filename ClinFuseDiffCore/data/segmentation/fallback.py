@@ -41,7 +41,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ClinFuseDiffCore.data.segmentation import (
-    BRAIN, SKULL, Labelmap, modality_family,
+    BRAIN,
+    SKULL,
+    Labelmap,
+    modality_family,
 )
 from ClinFuseDiffCore.data.volume import Volume
 

@@ -41,9 +41,10 @@ import os
 import subprocess as sp
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -169,7 +170,7 @@ def _register_trainers() -> None:
 
 
 def run_totalsegmentator(image, task: str, fast: bool = True, device: str = "cpu",
-                         license_number: Optional[str] = None, quiet: bool = True):
+                         license_number: str | None = None, quiet: bool = True):
     """Call TotalSegmentator's Python API in THIS process (see the module docstring on spawn).
 
     Args:
@@ -209,18 +210,20 @@ class TotalSegmentatorBackend:
             licensed; labels are its 16 brain parts).
         fast: 3 mm models (much faster on CPU; ``brain_structures`` has none).
         device: ``"cpu"`` or ``"gpu"``.
-        subprocess: run in a fresh Python process (safe without a ``__main__`` guard).
+        subprocess: run in a fresh Python process (safe without a ``__main__`` guard). With
+            ``False`` it runs in the caller's process, whose script MUST be guarded by
+            ``if __name__ == "__main__":`` (nnU-Net's spawn workers re-import ``__main__``).
         allow_download: let TotalSegmentator download missing weights instead of failing fast.
         license_number: licence key for licensed tasks.
         timeout_s: limit of one subprocess run.
     """
 
-    task: Optional[Literal["total", "total_mr", "brain_structures"]] = None
+    task: Literal["total", "total_mr", "brain_structures"] | None = None
     fast: bool = True
     device: Literal["cpu", "gpu"] = "cpu"
     subprocess: bool = True
     allow_download: bool = False
-    license_number: Optional[str] = None
+    license_number: str | None = None
     timeout_s: float = 3600.0
     name: str = "totalsegmentator"
 
@@ -239,8 +242,7 @@ class TotalSegmentatorBackend:
             raise ValueError("TotalSegmentator has no PET brain model; use the 'fallback' backend "
                              "for PET or compute the mask from a CT/MRI of the patient")
         task = self.task or ("total" if family == "ct" else "total_mr")
-        if task == "total_mr" and family == "ct" or task in ("total", "brain_structures") \
-                and family == "mri":
+        if (task == "total_mr" and family == "ct") or (task != "total_mr" and family == "mri"):
             raise ValueError(f"TotalSegmentator task {task!r} does not fit modality {modality!r}: "
                              "use 'total' or 'brain_structures' for CT and 'total_mr' for MRI")
         return task
@@ -302,7 +304,8 @@ class TotalSegmentatorBackend:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
         try:
-            res = sp.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env)
+            res = sp.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env,
+                         check=False)
         except sp.TimeoutExpired as e:
             raise RuntimeError(f"TotalSegmentator ({task}) on {volume.source} took longer than "
                                f"{self.timeout_s:.0f} s; raise timeout_s or use fast=True") from e
@@ -335,7 +338,7 @@ class TotalSegmentatorBackend:
 _EXIT_LICENCE = 3
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Subprocess entry: segment one NIfTI file, write the multilabel NIfTI. Exit code 3 = licence."""
     p = argparse.ArgumentParser(description="Run TotalSegmentator on one NIfTI (ClinFuseDiff worker)")
     p.add_argument("--input", required=True)
