@@ -252,8 +252,10 @@ class ClinFuseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.matchVolumesButton.connect("clicked(bool)", self.onMatchVolumes)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
         for _name, key in MODALITIES:
+            # nodeActivated: only a choice the user makes in the selector (not the scene or the
+            # parameter node restoring it) ticks or unticks the modality.
             getattr(self.ui, f"{key}VolumeSelector").connect(
-                "currentNodeChanged(vtkMRMLNode*)", lambda node, k=key: self.onVolumeSelected(k, node))
+                "nodeActivated(vtkMRMLNode*)", lambda node, k=key: self.onVolumeSelected(k, node))
 
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self.updateDeviceInfo)
