@@ -1,0 +1,305 @@
+"""The main job: ``clinfusediff demo`` end to end on the embedded synthetic cohort.
+
+Stages (each timed, each with a progress bar or a line of output):
+
+1. **generate**: the synthetic cohort (``cfg.data.synth_*``) under ``<out>/train/cohort``;
+2. **preprocess**: every patient through the content-addressed cache (``<out>/train/cache``);
+3. **train**: two-stage training (``training.stage=two_stage``): the encoders once, then the
+   ``mean`` and ``attention`` baselines and the ``diffusion`` model on the same cached tokens;
+4. **evaluate**: every one of the 2^M - 1 modality subsets, every method (mean, attention,
+   diffusion, diffusion+TTT), over ``seeds`` evaluation seeds (``<out>/eval``);
+5. **infer**: one held-out test patient with a modality removed, through ``Predictor`` with TTT;
+   writes ``prediction.json``, ``<patient>.seg.nrrd`` and ``report.png`` (``<out>/inference``).
+
+Example::
+
+    from ClinFuseDiffCore.config import load_config
+    from ClinFuseDiffCore.demo import run_demo
+    res = run_demo(load_config("demo"), "outputs/demo")
+    print(res.summary_text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+# The modality removed from the demo's inference patient (first one it has, in this order).
+DROP_PREFERENCE = ("mri_t1ce", "pet", "ct", "mri_flair", "mri_t2", "mri_t1", "clinical")
+
+
+@dataclass
+class DemoResult:
+    """What ``run_demo`` produced.
+
+    Attributes:
+        out_dir: the demo's output folder.
+        seconds: stage -> wall-clock seconds (``generate``, ``preprocess``, ``train``,
+            ``evaluate``, ``infer``, ``total``).
+        val_metric: fusion -> best validation value of ``cfg.training.monitor``.
+        results: the evaluation results dict (``docs/RESULTS_SCHEMA.md``).
+        outputs: name -> written path.
+        inference: the inference patient's id, dropped modality and prediction record.
+        summary_text: the printed summary.
+    """
+
+    out_dir: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    val_metric: dict[str, float] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+    summary_text: str = ""
+
+
+def quick_overrides() -> list[str]:
+    """Overrides of ``--quick``: a tiny cohort and model that runs end to end in well under a
+    minute (for smoke tests; its numbers mean nothing)."""
+    return [
+        "data.synth_patients=16", "data.synth_shape=[32,32,24]", "data.val_fraction=0.25",
+        "data.test_fraction=0.25", "preprocessing.target_shape=[16,16,16]",
+        "preprocessing.spacing=[4.0,4.0,4.0]", "model.encoder_widths=[4,8,8,8]", "model.embed_dim=16",
+        "model.tabular_hidden=[16]", "model.head_hidden=16", "diffusion.num_train_timesteps=50",
+        "diffusion.num_inference_steps=2", "diffusion.denoiser_depth=1", "diffusion.num_samples=2",
+        "training.encoder_epochs=1", "training.epochs=2", "training.batch_size=4",
+        "training.feature_bank_size=16", "ttt.steps=1",
+        "data.modalities=[mri_t1,mri_t1ce,ct,clinical]",
+    ]
+
+
+def _pick_patient(cohort_root: Path, test_ids: list[str], modalities: list[str], image_mods: list[str]):
+    """The first test patient (sorted) with every image modality, else the one with the most."""
+    from .data.discovery import discover_patients
+
+    records, _ = discover_patients(cohort_root, "auto", modalities)
+    by_id = {r.patient_id: r for r in records}
+    cands = [by_id[p] for p in sorted(test_ids) if p in by_id]
+    if not cands:
+        raise ValueError(f"{cohort_root}: none of the {len(test_ids)} test patients was found")
+    cands.sort(key=lambda r: -sum(m in r.images for m in image_mods))
+    return cands[0]
+
+
+def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: Optional[str],
+                  out_dir: Path, *, seed: int = 0) -> dict[str, Any]:
+    """Predict one patient of a cohort folder with TTT, a modality removed, and write the outputs.
+
+    Writes ``prediction.json``, ``<patient>.seg.nrrd`` (the fallback brain/skull segmentation of
+    the reference image on its own grid) and ``report.png`` into ``out_dir``.
+
+    Args:
+        checkpoint: a diffusion ``best.pt``.
+        cohort_root: the cohort folder (generic layout + ``clinical_data.csv``).
+        patient_id: the patient.
+        drop: the modality to leave out (None: use everything the patient has).
+        out_dir: output folder.
+        seed: diffusion / TTT noise seed.
+
+    Returns:
+        {"patient_id", "dropped", "record", "paths": {name: Path}}.
+    """
+    import csv
+
+    import numpy as np
+
+    from .data.discovery import discover_patients
+    from .data.segmentation import get_backend
+    from .data.volume import Volume
+    from .inference import PatientInput, Predictor
+    from .outputs import (build_prediction_record, config_hash, file_sha256, render_report,
+                          write_prediction_json, write_segmentation)
+    from .utils import safe_id, safe_join
+
+    pid = safe_id(patient_id)
+    pr = Predictor.from_checkpoint(checkpoint)
+    img_mods, tab_mods = pr.model.image_modalities, pr.model.tabular_modalities
+    records, _ = discover_patients(cohort_root, "auto", pr.modalities)
+    rec = next((r for r in records if r.patient_id == pid), None)
+    if rec is None:
+        raise FileNotFoundError(f"patient {pid!r} not found under {cohort_root}")
+    images = {m: Volume.from_file(p) for m, p in rec.images.items() if m in img_mods and m != drop}
+    tabular: dict[str, dict[str, Any]] = {}
+    for t in tab_mods:
+        if t == drop:
+            continue
+        tcfg = pr.cfg.data.tabular[t]
+        path = Path(tcfg.file) if Path(tcfg.file).is_absolute() else Path(cohort_root) / tcfg.file
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(pr.cfg.data.id_column) == pid:
+                    tabular[t] = {k: (v if v != "" else None) for k, v in row.items()}
+    patient = PatientInput(images=images, tabular=tabular, patient_id=pid)
+    pred = pr.predict_one(patient, ttt=pr.is_diffusion, seed=seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    seg_info = None
+    ref_mod = next((m for m in ("mri_t1", "mri_t2", "mri_flair", "mri_t1ce", "ct", "pet") if m in images), None)
+    seg_vol = None
+    if ref_mod is not None:
+        t0 = time.perf_counter()
+        lm = get_backend("fallback").segment(images[ref_mod], ref_mod)
+        seg_vol = lm.volume
+        paths["segmentation"] = write_segmentation(lm.volume, lm.labels, lm.colors,
+                                                   safe_join(out_dir, f"{pid}.seg.nrrd"))
+        seg_info = {"file": paths["segmentation"].name, "labels": {str(k): v for k, v in lm.labels.items()},
+                    "backend": "fallback", "reference_modality": ref_mod,
+                    "seconds": time.perf_counter() - t0}
+    uncertainty = {k: pred.uncertainty[k] for k in ("std", "entropy", "mutual_information")
+                   if pred.uncertainty.get(k) is not None}
+    if pred.task == "classification":
+        kw = {"probability_samples": np.asarray([pred.probabilities])}
+    else:
+        kw = {"value_samples": np.asarray([pred.risk])}
+    record = build_prediction_record(
+        patient_id=pid, task=pred.task, **kw, uncertainty=uncertainty,
+        contributions={k: v for k, v in pred.contributions.items() if k in pred.modalities_used},
+        model_modalities=pr.modalities, used_modalities=pred.modalities_used,
+        checkpoint=checkpoint, checkpoint_sha256=file_sha256(checkpoint),
+        config_hash_=config_hash(pr.cfg.to_dict()), ttt=pred.ttt, timings=pred.timings,
+        segmentation=seg_info,
+        extra={"dropped_modality": drop, "num_samples": pred.uncertainty.get("num_samples")},
+    )
+    paths["prediction"] = write_prediction_json(out_dir / "prediction.json", record)
+    if images:
+        paths["report"] = render_report(images, seg_vol, record, out_dir / "report.png",
+                                        labels=(lm.labels if seg_vol is not None else None),
+                                        colors=(lm.colors if seg_vol is not None else None))
+    return {"patient_id": pid, "dropped": drop, "record": record, "paths": paths}
+
+
+def _fmt_iv(iv: Optional[dict[str, float]]) -> str:
+    if not iv:
+        return "-"
+    m, lo, hi = iv.get("mean"), iv.get("ci_low"), iv.get("ci_high")
+    if m is None or m != m:
+        return "-"
+    if lo is None or lo != lo:
+        return f"{m:.3f}"
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def summary_table(results: dict[str, Any], val_metric: dict[str, float], monitor: str) -> str:
+    """A plain-text table: per method, validation metric and the test summary of the primary metric."""
+    pm = results["primary_metric"]
+    rows = [f"{'method':<15} {'val ' + monitor:>12}  {'test ' + pm + ' mean over subsets':<30} "
+            f"{'worst subset':<26} {'full set':<26} {'drop vs full':<26} hurt rate"]
+    for m in results["methods"]:
+        s = results["summary"][m][pm]
+        v = val_metric.get(m.split("+")[0])
+        rows.append(f"{m:<15} {('%.3f' % v) if v is not None else '-':>12}  {_fmt_iv(s['mean']):<30} "
+                    f"{_fmt_iv(s['worst']):<26} {_fmt_iv(s['full']):<26} {_fmt_iv(s['drop_vs_full']):<26} "
+                    f"{_fmt_iv(s['harm_rate'])}")
+    return "\n".join(rows)
+
+
+def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = True,
+             say=print) -> DemoResult:
+    """Run the whole demo (see the module docstring) and return what it produced.
+
+    Args:
+        cfg: the resolved config (``training.stage`` is forced to ``two_stage``; ``data.root``
+            None generates the cohort, a folder uses it).
+        out_dir: output folder (``train/``, ``eval/``, ``inference/``, ``demo_summary.json``).
+        seeds: evaluation seeds (>= 1; the protocol's intervals need >= 2, the demo uses 3).
+        show_progress: tqdm bars.
+        say: where progress lines go.
+
+    Returns:
+        ``DemoResult``.
+    """
+    from .data.dataset import ensure_cohort_root, prepare_cohort
+    from .evaluation.protocol import evaluate_checkpoints
+    from .training.trainer import train_fusions
+    from .utils import atomic_write_json
+
+    t_all = time.perf_counter()
+    out = Path(out_dir)
+    train_dir = out / "train"
+    res = DemoResult(out_dir=out)
+    fusions = ["mean", "attention", "diffusion"]
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, stage="two_stage",
+                                                                fusions=fusions))
+    say(f"[1/5] cohort -> {train_dir / 'cohort' if cfg.data.root is None else cfg.data.root}")
+    t0 = time.perf_counter()
+    if cfg.data.root is None:
+        from .data.synth import generate_cohort
+
+        d = cfg.data
+        summ = generate_cohort(train_dir / "cohort", n_patients=d.synth_patients, shape=tuple(d.synth_shape),
+                               site_shift=d.synth_site_shift, missing_rate=d.synth_missing_rate,
+                               seed=d.synth_seed, progress=show_progress)
+        say(f"      {summ['n_patients']} patients ({summ['generated']} generated, {summ['reused']} reused)")
+    root = ensure_cohort_root(cfg, train_dir)
+    res.seconds["generate"] = time.perf_counter() - t0
+
+    say("[2/5] preprocess (content-addressed cache)")
+    t0 = time.perf_counter()
+    prepared = prepare_cohort(cfg, train_dir, show_progress=show_progress)
+    res.seconds["preprocess"] = time.perf_counter() - t0
+    say(f"      train/val/test = {len(prepared.split['train'])}/{len(prepared.split['val'])}/"
+        f"{len(prepared.split['test'])} patients; {len(prepared.skips)} skips")
+
+    say(f"[3/5] train: encoders once ({cfg.training.encoder_epochs} epochs), then "
+        f"{', '.join(fusions)} on cached tokens ({cfg.training.epochs} epochs)")
+    t0 = time.perf_counter()
+    trained = train_fusions(cfg, train_dir, fusions, show_progress=show_progress)
+    res.seconds["train"] = time.perf_counter() - t0
+    for name, r in trained.items():
+        res.val_metric[name] = float(r.best_metric)
+        say(f"      {name:<10} best {cfg.training.monitor} {r.best_metric:.3f} (epoch {r.best_epoch}, "
+            f"{r.seconds:.0f} s) -> {r.best_path}")
+        res.outputs[f"checkpoint_{name}"] = r.best_path
+
+    say(f"[4/5] evaluate all {2 ** len(cfg.data.modalities) - 1} modality subsets x "
+        f"{{mean, attention, diffusion, diffusion+ttt}} x {seeds} seeds")
+    t0 = time.perf_counter()
+    results, paths = evaluate_checkpoints([str(train_dir)], out / "eval", data_root=str(root),
+                                          seeds=seeds, ttt=True, show_progress=show_progress)
+    res.seconds["evaluate"] = time.perf_counter() - t0
+    res.results = results
+    res.outputs.update({f"eval_{k}": Path(v) for k, v in paths.items()})
+
+    say("[5/5] inference with TTT on one held-out test patient with a modality removed")
+    t0 = time.perf_counter()
+    image_mods = list(prepared.image_modalities)
+    rec = _pick_patient(root, list(prepared.split["test"]), list(cfg.data.modalities), image_mods)
+    have = [m for m in cfg.data.modalities if m in rec.images or m in prepared.tabular_modalities]
+    drop = next((m for m in DROP_PREFERENCE if m in have and len(have) > 1), None)
+    inf = infer_patient(trained["diffusion"].best_path, root, rec.patient_id, drop, out / "inference",
+                        seed=cfg.experiment.seed)
+    res.seconds["infer"] = time.perf_counter() - t0
+    res.inference = inf
+    res.outputs.update({f"inference_{k}": v for k, v in inf["paths"].items()})
+    res.seconds["total"] = time.perf_counter() - t_all
+
+    p = inf["record"]["prediction"]
+    pred_line = (f"{p.get('predicted_class')} {p.get('probabilities')}" if "probabilities" in p
+                 else str(p))
+    lines = [
+        "", "ClinFuseDiff demo summary", "=" * 25,
+        f"cohort {root}: {results['n_patients']} test patients, {len(results['subsets'])} subsets, "
+        f"seeds {results['seeds']} (95% t-intervals over evaluation seeds)", "",
+        summary_table(results, res.val_metric, cfg.training.monitor), "",
+        f"inference: patient {inf['patient_id']} without {drop}: {pred_line}; "
+        f"TTT {inf['record']['ttt']}",
+        "", "time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()),
+        "", "outputs:",
+    ]
+    lines += [f"  {k:<26} {v}" for k, v in res.outputs.items()]
+    res.summary_text = "\n".join(lines)
+    summary_path = atomic_write_json(out / "demo_summary.json", {
+        "seconds": res.seconds, "val_metric": res.val_metric,
+        "summary": results["summary"], "inference": {"patient_id": inf["patient_id"], "dropped": drop,
+                                                      "prediction": p},
+        "outputs": {k: str(v) for k, v in res.outputs.items()},
+    })
+    res.outputs["summary"] = Path(summary_path)
+    res.summary_text += f"\n  {'summary':<26} {summary_path}"
+    return res
