@@ -48,11 +48,16 @@ def heads():
     t1 = np.where(brain, brain_t1, 0.0)
     t1[csf], t1[skull], t1[scalp] = 0.12, 0.04, 0.85  # dark CSF and bone, bright scalp fat
     t1 = (t1 + rng.normal(0, 0.02, t1.shape)).astype(np.float32)
+    t2 = np.zeros(brain.shape)  # bright CSF inside and around the brain, dark bone
+    t2[brain] = (0.55 * gm + 0.4 * wm + np.clip(1 - gm - wm, 0, 1))[brain]
+    t2[csf], t2[skull], t2[scalp] = 1.0, 0.03, 0.5
+    t2 = (t2 + rng.normal(0, 0.02, t2.shape)).astype(np.float32)
     ct = np.full(brain.shape, -1000.0)
     ct[brain] = (40 * gm + 30 * wm + 8 * np.clip(1 - gm - wm, 0, 1))[brain]
     ct[csf], ct[skull], ct[scalp] = 8.0, 900.0, 35.0
     ct = (ct + rng.normal(0, 6, ct.shape)).astype(np.float32)
-    return {"t1": t1, "ct": ct, "brain": brain, "skull": skull, "affine": affine}
+    return {"t1": t1, "t2": t2, "t1_stripped": np.where(brain, t1, 0).astype(np.float32), "ct": ct,
+            "brain": brain, "skull": skull, "affine": affine}
 
 
 def oblique_lps(arr: np.ndarray, affine: np.ndarray, step: int = 2):
@@ -88,6 +93,13 @@ def test_fallback_t1_dice(heads):
     assert dice(lm.brain(), heads["brain"]) > 0.85
     # the bright scalp and the dark skull are outside the mask
     assert not (lm.brain() & (heads["t1"] > 0.8) & ~heads["brain"]).any()
+
+
+@pytest.mark.parametrize("key,modality", [("t2", "mri_t2"), ("t1_stripped", "mri_t1")])
+def test_fallback_other_mri_inputs(heads, key, modality):
+    """T2 contrast (bright CSF) and an already skull-stripped image (BraTS-like) also work."""
+    lm = get_backend("fallback").segment(Volume(heads[key], heads["affine"]), modality)
+    assert dice(lm.brain(), heads["brain"]) > 0.85
 
 
 def test_fallback_ct_dice_and_skull(heads):
