@@ -24,9 +24,8 @@ from enum import Enum
 from typing import Annotated, Callable, Optional
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper

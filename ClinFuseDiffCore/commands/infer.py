@@ -221,8 +221,14 @@ def run(args: argparse.Namespace) -> int:
             timings[k] = float(pred.timings[k])
 
     progress(85, "writing outputs")
-    from ..outputs import (build_prediction_record, config_hash, file_sha256, render_report,
-                           write_prediction_json, write_segmentation)
+    from ..outputs import (
+        build_prediction_record,
+        config_hash,
+        file_sha256,
+        render_report,
+        write_prediction_json,
+        write_segmentation,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seg_path = write_segmentation(seg_vol, seg_info["labels"], seg_info["colors"], out_dir / SEGMENTATION_FILE)
