@@ -52,6 +52,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_p
         with open(tmp_p, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the result the usual permissions (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_p, 0o666 & ~umask)
         os.replace(tmp_p, path)
     finally:
         if tmp_p.exists():

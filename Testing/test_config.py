@@ -96,3 +96,33 @@ def test_modality_registry():
         reg.validate(["ct", "ct"])
     cfg = load_config("demo", ["data.tabular={clinical: {file: c.csv}, labs: {file: l.csv}}"])
     assert ModalityRegistry.from_config(cfg.data).get("labs").kind == "tabular"
+
+
+def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path):
+    import os
+
+    from ClinFuseDiffCore.utils import atomic_path, atomic_write_text
+
+    out = atomic_write_text(tmp_path / "a.txt", "hello")
+    assert out.read_text() == "hello"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)
+    # a failing writer leaves neither the target nor a temp file behind
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_safe_id_and_safe_join(tmp_path):
+    from ClinFuseDiffCore.utils import safe_id, safe_join
+
+    assert safe_id("patient_001") == "patient_001"
+    for bad in ["../x", "a/b", "..", ".hidden", "a\\b", ""]:
+        with pytest.raises(ValueError):
+            safe_id(bad)
+    with pytest.raises(ValueError):
+        safe_join(tmp_path, "..", "etc")
+    assert safe_join(tmp_path, "p1", "x.nii.gz").parent.name == "p1"
