@@ -91,19 +91,31 @@ def load_anatomy(resolution: int = 1) -> Anatomy:
     csf_in = np.where(mask, np.clip(1.0 - gm - wm, 0, 1), 0).astype(np.float32)
 
     vox = float(resolution)
-    d_out = ndi.distance_transform_edt(~mask) * vox  # mm outside the brain
+    # distance outside the brain, needed only up to the skull: EDT on the brain's box + margin
+    margin = int(SKULL_OUTER_MM // vox) + 3
+    nz = np.argwhere(mask)
+    lo = np.maximum(nz.min(axis=0) - margin, 0)
+    hi = np.minimum(nz.max(axis=0) + margin + 1, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    d_out = np.full(mask.shape, np.inf, dtype=np.float32)
+    d_out[box] = ndi.distance_transform_edt(~mask[box]) * vox  # mm outside the brain
     head = t1 > 0.08 * float(np.percentile(t1[mask], 95))
-    head = ndi.binary_closing(head, iterations=2)
-    head = ndi.binary_fill_holes(head) | ndi.binary_dilation(mask, iterations=int(10 // vox) + 1)
+    head = ndi.binary_fill_holes(head) | (d_out <= SKULL_OUTER_MM + 1.0)
     outer_csf = (~mask) & (d_out <= OUTER_CSF_MM)
     bone = head & (~mask) & (d_out > OUTER_CSF_MM) & (d_out <= SKULL_OUTER_MM)
     csf = csf_in + outer_csf.astype(np.float32)
     maps = np.stack([gm, wm, csf, bone.astype(np.float32), head.astype(np.float32)])  # (5, X, Y, Z)
 
-    d_in = ndi.distance_transform_edt(mask) * vox  # mm inside the brain
-    deep = (wm > 0.5) & (d_in >= 12.0)
-    idx = np.argwhere(deep)  # (P, 3) voxel indices, deterministic order
-    centres = (affine[:3, :3] @ idx.T).T + affine[:3, 3]
+    # tumour-centre candidates: deep white matter, depth from a 2 mm EDT (2x2x2 blocks; a block
+    # is brain only if all 8 voxels are)
+    x, y, z = (n - n % 2 for n in mask.shape)
+    blk = lambda a: a[:x, :y, :z].reshape(x // 2, 2, y // 2, 2, z // 2, 2)  # noqa: E731
+    mask2 = blk(mask).all(axis=(1, 3, 5))
+    wm2 = blk(wm).mean(axis=(1, 3, 5))
+    d_in = ndi.distance_transform_edt(mask2) * 2.0 * vox  # mm inside the brain
+    deep = (wm2 > 0.5) & (d_in >= 12.0)
+    idx = np.argwhere(deep) * 2 + 0.5  # (P, 3) centres of the 2x2x2 blocks, in 1 mm voxels
+    centres = (affine[:3, :3] @ idx.T).T + affine[:3, 3]  # (P, 3) MNI mm
     maps.setflags(write=False)
     return Anatomy(maps=maps, affine=affine, inv_affine=np.linalg.inv(affine),
                    wm_centres=centres.astype(np.float64), wm_depth=d_in[deep].astype(np.float64),

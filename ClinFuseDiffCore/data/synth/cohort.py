@@ -178,14 +178,14 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
     settings = _settings(shape, seed, layout, site_shift, missing_rate)
     same = prev is not None and prev.get("settings") == settings
     prev_ids = set(prev.get("patient_ids", [])) if prev else set()
-    # Mark the folder as ours before writing any patient (a killed run can be resumed).
-    marker = {"generator": GENERATOR, "complete": False, "settings": settings,
-              "patient_ids": sorted(prev_ids)}
-    _write_marker(out, marker)
-
     mods = IMAGE_NAMES if layout == "generic" else BRATS_NAMES
     sites = {s.name: s for s in site_profiles(site_shift, seed)}  # type: ignore[arg-type]
     params = [sample_one(i, seed, layout, site_shift, missing_rate) for i in range(n)]  # type: ignore[arg-type]
+    # Mark the folder as ours before writing any patient (a killed run can be resumed, and a
+    # later run knows every folder this one may have written).
+    marker = {"generator": GENERATOR, "complete": False, "settings": settings,
+              "patient_ids": sorted(prev_ids | {p.patient_id for p in params})}
+    _write_marker(out, marker)
     rows, dirs = [], []
     generated = reused = 0
     bar = None

@@ -205,7 +205,7 @@ def sample_one(index: int, seed: int, layout: str = "generic", site_shift: SiteS
     anat = load_anatomy(1)
     need = min(0.8 * radius + 2.0, float(anat.wm_depth.max()) - 1.0)
     cand = np.flatnonzero(anat.wm_depth >= need)
-    centre = anat.wm_centres[cand[int(rng.integers(len(cand)))]] + rng.uniform(-0.5, 0.5, 3)
+    centre = anat.wm_centres[cand[int(rng.integers(len(cand)))]] + rng.uniform(-1.0, 1.0, 3)  # within the 2 mm block
 
     age = float(np.clip(58.0 + 13.0 * z["z_age"], 18.0, 90.0))
     sex = "M" if rng.random() < 0.55 else "F"
