@@ -12,8 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ClinFuseDiffCore.data.synth import (FEATURE_MODALITIES, generate_cohort, render_patient,
-                                        sample_patient_parameters, site_profiles)
+from ClinFuseDiffCore.data.synth import (
+    FEATURE_MODALITIES,
+    generate_cohort,
+    render_patient,
+    sample_patient_parameters,
+    site_profiles,
+)
 from ClinFuseDiffCore.data.synth.params import IMAGE_NAMES, sample_one
 from ClinFuseDiffCore.data.volume import Volume
 

@@ -10,8 +10,13 @@ patient-specific scanner grid, a clinical table and an outcome from a documented
 """
 
 from .cohort import generate_cohort, patient_files
-from .params import (FEATURE_MODALITIES, LABEL_COEFFICIENTS, PatientParameters,
-                     sample_patient_parameters, site_profiles)
+from .params import (
+                     FEATURE_MODALITIES,
+                     LABEL_COEFFICIENTS,
+                     PatientParameters,
+                     sample_patient_parameters,
+                     site_profiles,
+)
 from .render import BRAIN_LABELS, CONTRAST, render_patient
 
 __all__ = [

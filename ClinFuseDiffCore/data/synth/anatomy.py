@@ -70,8 +70,12 @@ def load_anatomy(resolution: int = 1) -> Anatomy:
         return Anatomy(maps=m2, affine=aff2, inv_affine=np.linalg.inv(aff2),
                        wm_centres=a1.wm_centres, wm_depth=a1.wm_depth, resolution=2)
     import scipy.ndimage as ndi
-    from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template,
-                                  load_mni152_template, load_mni152_wm_template)
+    from nilearn.datasets import (
+        load_mni152_brain_mask,
+        load_mni152_gm_template,
+        load_mni152_template,
+        load_mni152_wm_template,
+    )
 
     t1_img = load_mni152_template(resolution=resolution)
     affine = np.asarray(t1_img.affine, dtype=np.float64)
@@ -109,7 +113,10 @@ def load_anatomy(resolution: int = 1) -> Anatomy:
     # tumour-centre candidates: deep white matter, depth from a 2 mm EDT (2x2x2 blocks; a block
     # is brain only if all 8 voxels are)
     x, y, z = (n - n % 2 for n in mask.shape)
-    blk = lambda a: a[:x, :y, :z].reshape(x // 2, 2, y // 2, 2, z // 2, 2)  # noqa: E731
+
+    def blk(a: np.ndarray) -> np.ndarray:  # (X, Y, Z) -> (X/2, 2, Y/2, 2, Z/2, 2)
+        return a[:x, :y, :z].reshape(x // 2, 2, y // 2, 2, z // 2, 2)
+
     mask2 = blk(mask).all(axis=(1, 3, 5))
     wm2 = blk(wm).mean(axis=(1, 3, 5))
     d_in = ndi.distance_transform_edt(mask2) * 2.0 * vox  # mm inside the brain

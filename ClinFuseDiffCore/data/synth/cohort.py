@@ -15,14 +15,23 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ...utils import _json_default, atomic_path, safe_id, safe_join
-from .params import (BRATS_NAMES, FEATURE_MODALITIES, IMAGE_NAMES, LABEL_COEFFICIENTS,
-                     LATENT_LOADING, SITE_SHIFTS, PatientParameters, sample_one, site_profiles)
+from .params import (
+    BRATS_NAMES,
+    FEATURE_MODALITIES,
+    IMAGE_NAMES,
+    LABEL_COEFFICIENTS,
+    LATENT_LOADING,
+    SITE_SHIFTS,
+    PatientParameters,
+    sample_one,
+    site_profiles,
+)
 from .render import BRAIN_LABELS, render_patient
 
 GENERATOR = "clinfusediff synth"
@@ -66,7 +75,7 @@ def _settings(shape, seed, layout, site_shift, missing_rate) -> dict:
             "format_version": FORMAT_VERSION}
 
 
-def _check_out_dir(out: Path) -> Optional[dict]:
+def _check_out_dir(out: Path) -> dict | None:
     """Return the previous cohort.json (or None for a new/empty folder); refuse anything else."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; give a new or empty folder")
@@ -139,7 +148,7 @@ def _write_patient(out: Path, p: PatientParameters, rendered, layout: str,
 def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
                     shape: Sequence[int] = (96, 96, 64), seed: int = 0, layout: str = "generic",
                     site_shift: str = "none", missing_rate: float = 0.0, progress: bool = True,
-                    callback: Optional[Callable[[int, int], None]] = None) -> dict:
+                    callback: Callable[[int, int], None] | None = None) -> dict:
     """Generate (or complete) a synthetic multimodal brain-tumour cohort in ``out_dir``.
 
     Args:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -127,10 +127,10 @@ class PatientParameters:
     # clinical table (None = missing)
     age: float
     sex: str
-    kps: Optional[float]
-    ldh: Optional[float]
-    crp: Optional[float]
-    hemoglobin: Optional[float]
+    kps: float | None
+    ldh: float | None
+    crp: float | None
+    hemoglobin: float | None
     # outcome
     eta: float
     probability: float
@@ -161,7 +161,7 @@ def patient_id_for(index: int, layout: str) -> str:
     return f"patient_{index + 1:03d}"
 
 
-def _opt(rng: np.random.Generator, value: float, p_missing: float) -> Optional[float]:
+def _opt(rng: np.random.Generator, value: float, p_missing: float) -> float | None:
     return None if rng.random() < p_missing else value
 
 
