@@ -80,7 +80,8 @@ def _bench_records(label: str, records: list[PatientRecord], cfg: PreprocessingC
         preprocess_patient(r, cfg, backend=backend)
     t_plain = sum(_median_time(lambda p=p: plain_sitk(p, cfg.spacing, cfg.target_shape), repeats)
                   for r in records for p in r.images.values())
-    t_none = sum(_median_time(lambda r=r: preprocess_patient(r, cfg_none), repeats) for r in records)
+    t_none = sum(_median_time(lambda r=r: preprocess_patient(r, cfg_none), repeats)
+                 for r in records)
     t_full = sum(_median_time(lambda r=r: preprocess_patient(r, cfg, backend=backend), repeats)
                  for r in records)
 
@@ -142,7 +143,8 @@ def geometry_check(records: list[PatientRecord], cfg: PreprocessingConfig) -> di
             ok = np.isfinite(expect)
             agree.append(float(np.mean(np.abs(expect[ok] - p.images[m][ok]) < 0.02)))
         if r.seg is not None:
-            seg = np.asarray(resample_from_to(nib.load(r.seg), (p.shape, p.affine), order=0).dataobj)
+            seg = resample_from_to(nib.load(r.seg), (p.shape, p.affine), order=0)
+            seg = np.asarray(seg.dataobj)
             a, b = seg > 0, p.seg > 0
             dices.append(float(2 * (a & b).sum() / max(1, a.sum() + b.sum())))
     return {"patients": len(records), "all_ras": all(ras), "all_target_shape": all(shape_ok),
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     g = out["geometry"]
     print(f"\ngeometry check ({g['patients']} patients, independent nibabel resampling): "
           f"canonical RAS {g['all_ras']}, target shape {g['all_target_shape']}, "
-          f"seg Dice min {g['seg_dice_min']:.4f}, image voxels within 0.02 min {g['image_agree_min']:.4f}")
+          f"seg Dice min {g['seg_dice_min']:.4f}, "
+          f"image voxels within 0.02 min {g['image_agree_min']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0

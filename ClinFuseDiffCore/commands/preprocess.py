@@ -17,8 +17,10 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="cohort folder (overrides data.root)")
     p.add_argument("--out", default=None,
-                   help="cache folder (default: data.cache_dir, else <experiment.output_dir>/cache)")
-    p.add_argument("--config", default="demo", help="YAML path or a name in Resources/Configs (default: demo)")
+                   help="cache folder (default: data.cache_dir, else "
+                        "<experiment.output_dir>/cache)")
+    p.add_argument("--config", default="demo",
+                   help="YAML path or a name in Resources/Configs (default: demo)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides, "

@@ -185,7 +185,8 @@ class PreprocessedPatient:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "PreprocessedPatient":
         """Inverse of :meth:`to_arrays`."""
         meta = json.loads(bytes(np.asarray(arrays["meta_json"], dtype=np.uint8)).decode())
-        images = {m: np.asarray(arrays[f"image__{m}"], dtype=np.float32) for m in meta["modalities"]}
+        images = {m: np.asarray(arrays[f"image__{m}"], dtype=np.float32)
+                  for m in meta["modalities"]}
         return cls(
             patient_id=meta["patient_id"], images=images,
             mask=np.asarray(arrays["mask"], dtype=np.uint8),
@@ -238,13 +239,15 @@ def _resample(vol: Volume, affine: np.ndarray, shape: tuple[int, int, int], inte
     f.SetDefaultPixelValue(float(default))
     f.SetOutputPixelType(sitk.sitkFloat32)
     out = f.Execute(img)
-    return np.ascontiguousarray(sitk.GetArrayViewFromImage(out).transpose(2, 1, 0), dtype=np.float32)
+    arr = sitk.GetArrayViewFromImage(out).transpose(2, 1, 0)  # KJI -> (I, J, K)
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _ras_grid(box: tuple[np.ndarray, np.ndarray], spacing: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+def _ras_grid(box: tuple[np.ndarray, np.ndarray], spacing: np.ndarray
+              ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Axis-aligned RAS grid at ``spacing`` covering ``box``: (affine (4, 4), shape)."""
     lo, hi = box
-    shape = tuple(max(1, int(math.ceil((h - l) / s - 1e-6))) for l, h, s in zip(lo, hi, spacing))
+    shape = tuple(max(1, math.ceil((b - a) / s - 1e-6)) for a, b, s in zip(lo, hi, spacing))
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = lo + spacing / 2.0  # centre of voxel 0
     return affine, shape  # type: ignore[return-value]
@@ -291,7 +294,8 @@ def _output_grid(box: tuple[np.ndarray, np.ndarray], cfg: PreprocessingConfig
                     "scale": scale}
 
 
-def _mask_grid(vol: Volume, cfg: PreprocessingConfig) -> Optional[tuple[np.ndarray, tuple[int, int, int]]]:
+def _mask_grid(vol: Volume, cfg: PreprocessingConfig
+               ) -> Optional[tuple[np.ndarray, tuple[int, int, int]]]:
     """Where the brain mask is computed: None = the volume's own grid when its voxels are no
     finer than ``s = max(min(cfg.spacing), cfg.mask_spacing)``, else an axis-aligned RAS grid
     at ``s`` over its field of view (the backend's cost grows with the voxel count)."""
@@ -392,7 +396,8 @@ def make_backend(cfg: PreprocessingConfig):
     except ImportError as e:
         raise RuntimeError(f"preprocessing.mask_backend={cfg.mask_backend!r} cannot be used: {e}. "
                            "Install its optional extra (pip install 'clinfusediff[brain]' for "
-                           "deepbet, '[totalseg]' for TotalSegmentator) or choose 'fallback'") from e
+                           "deepbet, '[totalseg]' for TotalSegmentator) or choose "
+                           "'fallback'") from e
 
 
 def _reference_modality(vols: Mapping[str, Volume], cfg: PreprocessingConfig) -> str:
@@ -513,7 +518,8 @@ def preprocess_patient(
 
     seg_out = None
     if seg_vol is not None:
-        seg_out = np.rint(_resample(seg_vol, out_affine, out_shape, "nearest", 0.0)).astype(np.int16)
+        seg_out = np.rint(_resample(seg_vol, out_affine, out_shape, "nearest", 0.0))
+        seg_out = seg_out.astype(np.int16)  # (D, H, W)
 
     inputs = {m: InputGrid(v.shape, v.affine.copy(), v.source) for m, v in vols.items()}
     if seg_vol is not None:

@@ -87,7 +87,8 @@ def test_entry_is_a_plain_npz_without_pickles(tmp_path, patient):
     cache.load_or_build(patient, cfg())
     (entry,) = cache.entries()
     with np.load(entry, allow_pickle=False) as z:
-        assert {"image__mri_t1", "image__mri_flair", "mask", "seg", "affine", "meta_json"} <= set(z.files)
+        names = {"image__mri_t1", "image__mri_flair", "mask", "seg", "affine", "meta_json"}
+        assert names <= set(z.files)
         assert z["image__mri_t1"].dtype == np.float32
 
 
@@ -136,7 +137,8 @@ def test_key_follows_content_not_name_or_mtime(tmp_path, patient):
 def test_volume_inputs_are_keyed_by_array_and_affine(patient):
     vols = {m: Volume.from_file(p) for m, p in patient.images.items()}
     k = cache_key(vols, cfg())
-    assert cache_key({m: Volume(v.array.copy(), v.affine.copy()) for m, v in vols.items()}, cfg()) == k
+    copies = {m: Volume(v.array.copy(), v.affine.copy()) for m, v in vols.items()}
+    assert cache_key(copies, cfg()) == k
     shifted = dict(vols)
     aff = vols["mri_t1"].affine.copy()
     aff[0, 3] += 1.0
@@ -214,7 +216,8 @@ def test_input_files_unchanged_and_nothing_written_beside_them(tmp_path, patient
     assert digests(folder) == before
     assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == sorted(["P01", *before])
     # no temporary files left in the cache either
-    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [cache.entries()[0].name]
+    files = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert files == [cache.entries()[0].name]
 
 
 def test_bad_key_is_refused(tmp_path):

@@ -64,7 +64,8 @@ def phantom(modality: str, affine: np.ndarray, shape, rng=None) -> np.ndarray:
                 brain += (((xyz - BRAIN_CENTRE) / BRAIN_RADII) ** 2).sum(-1) <= 1.0
                 tumour += np.all(np.abs(xyz - TUMOUR_CENTRE) <= TUMOUR_HALF, axis=-1)
     brain, tumour = brain / 27, tumour / 27
-    out = bg + (brain_v - bg) * brain + (tumour_v - brain_v) * tumour  # tumour lies inside the brain
+    # the tumour lies inside the brain
+    out = bg + (brain_v - bg) * brain + (tumour_v - brain_v) * tumour
     if rng is not None:
         out += rng.normal(0, 0.02 * abs(brain_v), size=shape)
     return out.astype(np.float32)
@@ -229,7 +230,8 @@ def test_ct_window_maps_hounsfield_units(result):
     img = result.images["ct"]
     assert result.info["norm"]["ct"] == [-100.0, 200.0]
     # brain 40 HU (+-2% noise) -> (40 + 100) / 300; air -1000 HU -> 0; the cube 70 HU -> 0.567
-    assert value_at(result, "ct", BRAIN_CENTRE + [-20, -20, -10]) == pytest.approx(140 / 300, abs=0.02)
+    brain_point = BRAIN_CENTRE + [-20, -20, -10]
+    assert value_at(result, "ct", brain_point) == pytest.approx(140 / 300, abs=0.02)
     assert value_at(result, "ct", TUMOUR_CENTRE) == pytest.approx(170 / 300, abs=0.02)
     assert img[0, 0, 0] == 0.0
     p = preprocess_patient({"ct": Volume.from_file(result.inputs["ct"].source)},
@@ -239,7 +241,8 @@ def test_ct_window_maps_hounsfield_units(result):
 
 
 def test_skull_strip_zeroes_outside_the_mask(patient_dir):
-    p = preprocess_patient(Record("P", write_patient_paths(patient_dir)), cfg_small(skull_strip=True))
+    p = preprocess_patient(Record("P", write_patient_paths(patient_dir)),
+                           cfg_small(skull_strip=True))
     outside = p.mask == 0
     assert outside.any() and (p.mask == 1).any()
     for img in p.images.values():
@@ -280,7 +283,8 @@ def test_modalities_that_do_not_overlap_are_an_error(tmp_path):
     far = make_affine(shape, spacing, axes, centre=BRAIN_CENTRE + [300.0, 0, 0])
     vols = {"mri_t1": Volume(phantom("mri_t1", a, shape), a, source="t1.nii.gz"),
             "mri_t2": Volume(phantom("mri_t2", far, shape), far, source="t2.nii.gz")}
-    with pytest.raises(ValueError, match=r"'mri_t1' \(t1.nii.gz\) and 'mri_t2' \(t2.nii.gz\) do not overlap"):
+    msg = r"'mri_t1' \(t1.nii.gz\) and 'mri_t2' \(t2.nii.gz\) do not overlap"
+    with pytest.raises(ValueError, match=msg):
         preprocess_patient(vols, cfg_small(mask_backend="none"))
 
 
@@ -299,7 +303,8 @@ def test_bad_config_values_are_named(key, value):
     shape, spacing, axes = GRIDS["mri_t1"]
     a = make_affine(shape, spacing, axes)
     with pytest.raises(ValueError, match=f"preprocessing.{key}"):
-        preprocess_patient({"mri_t1": Volume(phantom("mri_t1", a, shape), a)}, cfg_small(**{key: value}))
+        preprocess_patient({"mri_t1": Volume(phantom("mri_t1", a, shape), a)},
+                           cfg_small(**{key: value}))
 
 
 def test_input_files_are_not_modified(tmp_path):
@@ -426,5 +431,6 @@ def test_images_match_an_independent_resampling_with_nibabel(patient_dir, result
         # both are trilinear: equal up to the edge voxels where the two libraries' borders differ
         diff = np.abs(expect[ok] - result.images[m][ok])
         assert np.median(diff) < 1e-4 and np.mean(diff < 0.02) > 0.99, (m, np.mean(diff < 0.02))
-    seg = resample_from_to(nib.load(patient_dir / "seg.nii.gz"), (result.shape, result.affine), order=0)
+    seg = resample_from_to(nib.load(patient_dir / "seg.nii.gz"), (result.shape, result.affine),
+                           order=0)
     assert dice(np.asarray(seg.dataobj) == 1, result.seg == 1) > 0.99
