@@ -218,10 +218,19 @@ def flatten_pairs(
     return s_idx, p_idx, eff[s_idx, p_idx]
 
 
-def row_seeds_for(seed: int, s_idx: torch.Tensor, p_idx: torch.Tensor, n_subsets: int,
-                  n_patients: int) -> torch.Tensor:
-    """A unique int64 seed per (seed, subset, patient) row: (N,)."""
-    return (int(seed) * n_subsets + s_idx.long()) * n_patients + p_idx.long() + 1
+def unique_episodes(p_idx: torch.Tensor, avail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct (patient, effective availability) episodes among the pairs.
+
+    Subsets that a patient can only partly provide often reduce to the same intersection; such
+    pairs are the same episode (same tokens, same mask) and are computed once.
+
+    Returns:
+        keys (U,) int64 = patient * 2^M + mask code, sorted; inverse (N,) index into keys.
+    """
+    M = avail.shape[1]
+    code = (avail.long() * (2 ** torch.arange(M))).sum(-1)  # (N,)
+    keys, inverse = torch.unique(p_idx.long() * (2**M) + code, return_inverse=True)
+    return keys, inverse
 
 
 def run_method(
@@ -233,20 +242,28 @@ def run_method(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, MethodOutput], float]:
     """Run one method on every (subset, patient) pair, in chunks, from its cached tokens.
 
+    Each distinct episode (patient, subset ∩ what the patient has) is computed once, with the
+    row seed ``(seed * P + patient) * 2^M + mask code + 1`` (unique per seed and episode, and
+    independent of the chunking), then copied to every pair that maps to it.
+
     Returns:
-        subset_idx (N,), patient_idx (N,), available (N, M), {name: concatenated MethodOutput}
-        for every name the method yields, and the wall time in seconds.
+        subset_idx (N,), patient_idx (N,), available (N, M), {name: MethodOutput over the N
+        pairs} for every name the method yields, and the wall time in seconds.
     """
     s_idx, p_idx, avail = flatten_pairs(masks, patient_available)
-    seeds = row_seeds_for(seed, s_idx, p_idx, masks.shape[0], patient_available.shape[0])
-    n = int(s_idx.numel())
+    M = masks.shape[1]
+    keys, inverse = unique_episodes(p_idx, avail)
+    u_p = keys // (2**M)  # (U,) patient of each episode
+    u_av = ((keys % (2**M)).unsqueeze(1) // (2 ** torch.arange(M))) % 2 == 1  # (U, M)
+    seeds = (int(seed) * patient_available.shape[0]) * (2**M) + keys + 1  # (U,)
+    n = int(keys.numel())
     parts: dict[str, list[MethodOutput]] = {k: [] for k in method.names}
     t0 = time.perf_counter()
     for start in range(0, n, method.chunk_size):
         sl = slice(start, min(n, start + method.chunk_size))
-        tok = method.tokens[p_idx[sl]]  # (n, M, E)
+        tok = method.tokens[u_p[sl]]  # (n, M, E)
         with torch.no_grad():  # a method that adapts (TTT) re-enables grad inside
-            out = method.fn(tok, avail[sl], seeds[sl])
+            out = method.fn(tok, u_av[sl], seeds[sl])
         if isinstance(out, MethodOutput):
             out = {method.name: out}
         missing = set(method.names) - set(out)
@@ -256,7 +273,12 @@ def run_method(
             parts[k].append(out[k])
         if progress is not None:
             progress(sl.stop, n)
-    outs = {k: _cat_outputs(v) for k, v in parts.items()}
+    outs = {}
+    for k, v in parts.items():
+        u = _cat_outputs(v)
+        full = _select(u, inverse)
+        full.extra = u.extra
+        outs[k] = full
     return s_idx, p_idx, avail, outs, time.perf_counter() - t0
 
 
@@ -611,8 +633,9 @@ def evaluate_all_subsets(
             continue
         comp: dict[str, Any] = {}
         for mn in summaries[ref][0] if summaries[ref] else {}:
+            sign = 1.0 if HIGHER_IS_BETTER.get(mn, True) else -1.0  # positive = reference better
             comp[mn] = {
-                stat: interval([summaries[ref][i][mn][stat] - summaries[n][i][mn][stat]
+                stat: interval([sign * (summaries[ref][i][mn][stat] - summaries[n][i][mn][stat])
                                 for i in range(len(seeds))])
                 for stat in ("mean", "worst", "full")
             }
@@ -653,3 +676,248 @@ def evaluate_all_subsets(
         "timings_s": {n: interval(timings[n]) for n in names},
         "method_extra": extras,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# From checkpoints to results (``clinfusediff evaluate`` / ``training/evaluate.py``)
+# --------------------------------------------------------------------------------------------
+FUSION_NAMES = ("mean", "attention", "diffusion")
+
+
+def resolve_checkpoints(specs: Sequence[str]) -> list[dict[str, "Path"]]:
+    """Turn ``--checkpoint`` arguments into runs: one {method: checkpoint path} per training seed.
+
+    Accepted forms (mixable):
+      * ``name=path.pt``: a named checkpoint (``mean``, ``attention``, ``diffusion`` or any label);
+        all named ones form one run;
+      * a ``.pt`` file: named after the fusion in its config;
+      * a training output folder holding ``<fusion>/best.pt`` (what ``clinfusediff train
+        --all-fusions`` writes): one run per folder, so several folders = several training seeds.
+
+    Returns:
+        list of runs; every run has the same method names.
+    """
+    from pathlib import Path
+
+    from ..training.checkpoint import load_checkpoint
+
+    named: dict[str, Path] = {}
+    runs: list[dict[str, Path]] = []
+    for spec in specs:
+        if "=" in spec:
+            name, path = spec.split("=", 1)
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"--checkpoint {spec!r}: {p} is not a file")
+            named[name.strip()] = p
+            continue
+        p = Path(spec)
+        if p.is_dir():
+            found = {f: p / f / "best.pt" for f in FUSION_NAMES if (p / f / "best.pt").is_file()}
+            if not found:
+                raise FileNotFoundError(
+                    f"--checkpoint {spec!r}: folder has none of {[f + '/best.pt' for f in FUSION_NAMES]}; "
+                    "give a training output folder (clinfusediff train --all-fusions) or name=path.pt")
+            runs.append(found)
+        elif p.is_file():
+            fusion = load_checkpoint(p)["config"]["model"]["fusion"]
+            if fusion in named:
+                raise ValueError(f"two checkpoints for {fusion!r}; name them: --checkpoint {fusion}=a.pt other=b.pt")
+            named[fusion] = p
+        else:
+            raise FileNotFoundError(f"--checkpoint {spec!r}: no such file or folder")
+    if named:
+        runs.insert(0, named)
+    if not runs:
+        raise ValueError("no checkpoint given; pass --checkpoint RUN_DIR or name=path.pt")
+    keys = sorted(runs[0])
+    for r in runs[1:]:
+        if sorted(r) != keys:
+            raise ValueError(f"runs hold different methods: {keys} vs {sorted(r)}; every run needs the same ones")
+    return runs
+
+
+def _outputs_to_method(task: str, out: torch.Tensor) -> MethodOutput:
+    """Head outputs (K, N, C) -> MethodOutput (mean over samples; spread as uncertainty)."""
+    K = out.shape[0]
+    if task == "classification":
+        pk = out.float().softmax(-1)  # (K, N, C)
+        pm = pk.mean(0)  # (N, C)
+        c = pm.argmax(-1)  # (N,)
+        spread = pk.gather(2, c.view(1, -1, 1).expand(K, -1, 1)).squeeze(2).std(0, unbiased=False)
+        return MethodOutput(probs=pm, uncertainty=spread if K > 1 else None)
+    v = out[..., 0].float()  # (K, N)
+    unc = v.std(0, unbiased=False) if K > 1 else None
+    if task == "survival":
+        return MethodOutput(risk=v.mean(0), uncertainty=unc)
+    return MethodOutput(value=v.mean(0), uncertainty=unc)
+
+
+def methods_for_run(predictors: Mapping[str, Any], encoded: Mapping[str, Mapping[str, Any]], *,
+                    ttt: bool = True, samples: Optional[int] = None,
+                    chunk_size: int = 1024) -> list[Method]:
+    """Protocol methods from loaded Predictors and their cached test tokens.
+
+    A diffusion checkpoint yields ``diffusion`` and (with ``ttt``) ``diffusion+ttt`` from one pass
+    (same per-row noise; the un-adapted samples are shared), baselines yield their own name.
+    """
+    from ..ttt import adapt_and_predict
+
+    methods: list[Method] = []
+    for name, pr in predictors.items():
+        tokens = encoded[name]["tokens"]
+        model, task = pr.model, pr.task
+        if pr.is_diffusion:
+            K = int(samples or pr.cfg.diffusion.num_samples)
+            ttt_name = f"{name}+ttt"
+
+            def fn(tok, av, row_seeds, pr=pr, K=K, name=name, ttt_name=ttt_name):
+                res = adapt_and_predict(pr.model, tok.to(pr.device), av.to(pr.device), row_seeds,
+                                        pr.cfg.ttt, num_samples=K, feature_bank=pr.feature_bank,
+                                        adapt=ttt)
+                outs = {name: _outputs_to_method(pr.task, res.outputs_before.cpu())}
+                if ttt:
+                    o = _outputs_to_method(pr.task, res.outputs.cpu())
+                    o.extra = {"episodes": float(tok.shape[0]), "accepted": float(res.accepted.sum()),
+                               "adapt_s": res.timings.get("adapt", 0.0),
+                               "loss_drop": float((res.loss_before - res.loss_after)[res.accepted].sum()),
+                               "step_episodes": float(res.steps * tok.shape[0]),
+                               "param_episodes": float(res.n_params * tok.shape[0])}
+                    outs[ttt_name] = o
+                return outs
+
+            methods.append(Method(name, tokens, fn, chunk_size, also=(ttt_name,) if ttt else ()))
+        else:
+            def fn(tok, av, row_seeds, model=model, task=task, pr=pr):
+                out = model.predict_from_tokens(tok.to(pr.device), av.to(pr.device))  # (N, C)
+                return _outputs_to_method(task, out.unsqueeze(0).cpu())
+
+            methods.append(Method(name, tokens, fn, chunk_size))
+    return methods
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str],
+    out_dir: "str | Path",
+    *,
+    data_root: Optional[str] = None,
+    seeds: int = 3,
+    samples: Optional[int] = None,
+    ttt: bool = True,
+    device: str = "cpu",
+    part: str = "test",
+    chunk_size: int = 1024,
+    show_progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The full evaluation: load checkpoints, encode the test patients once per model, run the
+    all-subsets protocol over seeds, write results.json/csv/md and the plots.
+
+    Args:
+        checkpoints: ``--checkpoint`` specs (see ``resolve_checkpoints``).
+        out_dir: where results go (the cohort split is copied here as ``split.json``).
+        data_root: cohort folder (default: the checkpoint's ``data.root``, else the training
+            run's generated ``cohort/`` beside the checkpoint folders).
+        seeds: evaluation seeds when one run is given (diffusion sampling and TTT noise); with
+            several runs (training seeds) each run is one seed.
+        samples: K diffusion samples (default: the checkpoint's ``diffusion.num_samples``).
+        ttt: also evaluate diffusion+TTT.
+        device: ``cpu`` / ``cuda`` / ``auto``.
+        part: which split part to evaluate (``test``; ``val`` for tuning).
+        chunk_size: episodes per batched call.
+
+    Returns:
+        (results dict, {name: written path}).
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from ..config import Config
+    from ..data.dataset import prepare_cohort
+    from ..inference import Predictor
+    from ..training.checkpoint import load_checkpoint
+    from ..training.trainer import encode_dataset
+    from ..utils import atomic_write_json
+    from .report import write_report
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if part not in ("test", "val"):
+        raise ValueError(f"part {part!r} not in ['test', 'val']")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = resolve_checkpoints(checkpoints)
+    say = print if show_progress else (lambda *a, **k: None)
+
+    # The cohort and split of the first checkpoint (every run must share its test patients).
+    first_path = next(iter(runs[0].values()))
+    ck = load_checkpoint(first_path)
+    cfg = Config.from_dict(ck["config"])
+    split = ck.get("split")
+    if not split or part not in split:
+        raise ValueError(f"checkpoint {first_path} has no patient split; re-train with this version")
+    run_dir = Path(first_path).resolve().parent.parent
+    root = data_root or cfg.data.root
+    if root is None and (run_dir / "cohort").is_dir():
+        root = str(run_dir / "cohort")
+    cache = cfg.data.cache_dir or (str(run_dir / "cache") if (run_dir / "cache").is_dir() else None)
+    atomic_write_json(out / "split.json", split)
+    data_cfg = dataclasses.replace(cfg.data, root=root, split_file=str(out / "split.json"),
+                                   cache_dir=cache)
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    say(f"evaluate: cohort {root or '(generated)'}; {len(split[part])} {part} patients")
+    cohort = prepare_cohort(cfg, out, show_progress=show_progress)
+    ds = cohort.datasets[part]
+
+    predictors_by_run, encoded_by_run = [], []
+    for run in runs:
+        prs = {n: Predictor.from_checkpoint(p, device) for n, p in run.items()}
+        enc = {}
+        for n, pr in prs.items():
+            if list(pr.modalities) != list(cohort.modalities):
+                raise ValueError(f"checkpoint {run[n]} has modalities {pr.modalities}, the cohort "
+                                 f"{cohort.modalities}")
+            enc[n] = encode_dataset(pr.model, ds, pr.device, 16)
+        predictors_by_run.append(prs)
+        encoded_by_run.append(enc)
+    enc0 = next(iter(encoded_by_run[0].values()))
+    for enc in encoded_by_run:
+        for e in enc.values():
+            if e["patient_id"] != enc0["patient_id"]:
+                raise ValueError("runs were evaluated on different test patients; use one split")
+
+    seed_list = list(range(seeds)) if len(runs) == 1 else list(range(len(runs)))
+    methods_by_seed = {}
+    for i, s in enumerate(seed_list):
+        r = 0 if len(runs) == 1 else i
+        methods_by_seed[s] = methods_for_run(predictors_by_run[r], encoded_by_run[r], ttt=ttt,
+                                             samples=samples, chunk_size=chunk_size)
+    task = cfg.data.task
+    targets = Targets(task, enc0["target"], enc0["time"], enc0["event"])
+    excluded = []
+    for prs in predictors_by_run[:1]:
+        for pr in prs.values():
+            excluded = excluded or list(pr.cfg.data.excluded_combinations)
+    results = evaluate_all_subsets(
+        methods_by_seed, enc0["available"], targets, cohort.modalities,
+        excluded_combinations=excluded, progress=say, patient_ids=enc0["patient_id"],
+    )
+    results["checkpoints"] = [{n: str(p) for n, p in run.items()} for run in runs]
+    results["seed_kind"] = ("evaluation seeds (diffusion sampling + TTT noise) on one trained run"
+                            if len(runs) == 1 else "training runs (one per seed)")
+    results["part"] = part
+    ttt_lines = []
+    for name, ex in results["method_extra"].items():
+        if ex.get("episodes"):
+            rate = ex["accepted"] / ex["episodes"]
+            per = ex["adapt_s"] / ex["episodes"] * 1000
+            steps = ex["step_episodes"] / ex["episodes"]
+            n_par = ex["param_episodes"] / ex["episodes"]
+            ex.update(acceptance_rate=rate, adapt_ms_per_episode=per, steps=steps, n_params=n_par)
+            ttt_lines.append(
+                f"TTT ({name}): {int(ex['episodes'])} episodes over all seeds, {steps:g} steps, "
+                f"{n_par:g} adapted parameters per episode ({cfg.ttt.params}); {rate:.1%} of updates "
+                f"kept; adaptation {per:.2f} ms per episode (batched)")
+    paths = write_report(results, out, extra_lines=ttt_lines)
+    say(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    return results, paths

@@ -101,7 +101,8 @@ def results_markdown(results: Mapping[str, Any], extra_lines: Optional[list[str]
         lines.append("")
     if results["comparisons"]:
         ref = results["reference_method"]
-        lines += [f"## Paired differences ({ref} minus each method; same seeds and subsets)", "",
+        lines += [f"## Paired gains of {ref} over each method (same seeds and subsets; positive = "
+                  f"{ref} better, i.e. higher for ↑ metrics and lower for ↓ metrics)", "",
                   "| comparison | metric | mean over subsets | worst subset | full set |",
                   "|---|---|---|---|---|"]
         for name, comp in results["comparisons"].items():

@@ -161,8 +161,9 @@ def test_evaluate_all_subsets_end_to_end_hand_checked():
     # a+b: means -1, 1, 0.75, p3 only b: 0.5 -> preds 0,1,1,1 -> p0 wrong, p1 wrong? label 0 pred 1
     assert ps["a+b"]["n_patients"] == 4 and ps["a+b"]["n_complete"] == 3
     assert ps["a+b"]["metrics"]["accuracy"] == pytest.approx(0.25)
-    assert sum(calls[:1]) == 3 + 4 + 4  # one call with every pair for chunk_size 1000
-    assert calls[1:] == [2] * 5 + [1]  # chunked second seed: 11 pairs in chunks of 2
+    # 11 pairs, but p3's "a+b" episode is its "b" episode (it only has b): 10 distinct episodes
+    assert calls[:1] == [10]  # one call with every episode for chunk_size 1000
+    assert calls[1:] == [2] * 5  # chunked second seed: 10 episodes in chunks of 2
     # both seeds see the same numbers: interval has zero width
     acc = res["per_subset"]["toy"]["b"]["metrics"]["accuracy"]
     assert acc["mean"] == pytest.approx(0.25) and acc["std"] == 0.0
@@ -217,3 +218,41 @@ def test_write_report_files(tmp_path):
     assert "| a+b | 2 | yes | 4 |" in md and "## accuracy ↑" in md
     for k in ("heatmap", "reliability", "uncertainty"):
         assert paths[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multi_output_method_row_seeds_and_chunk_invariance():
+    mods = ["a", "b", "c"]
+    tokens = torch.zeros(3, 3, 2)
+    pav = torch.tensor([[True, True, True], [True, False, True], [False, False, True]])
+    seen_seeds: list[torch.Tensor] = []
+
+    def fn(tok, avail, row_seeds):
+        seen_seeds.append(row_seeds.clone())
+        # "random" output from the row seed only: equal across chunkings iff the seeds are
+        u = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(int(s)))[0]
+                         for s in row_seeds])
+        p = torch.stack([1 - u, u], -1)
+        return {"x": P.MethodOutput(probs=p), "x+y": P.MethodOutput(probs=p.flip(-1))}
+
+    def run(chunk):
+        seen_seeds.clear()
+        m = P.Method("x", tokens, fn, chunk_size=chunk, also=("x+y",))
+        s_idx, p_idx, av, outs, _ = P.run_method(m, P.subset_masks(P.enumerate_subsets(mods), mods),
+                                                 pav, seed=4)
+        return s_idx, p_idx, av, outs, torch.cat(seen_seeds)
+
+    s1, p1, av1, o1, seeds1 = run(1)
+    s2, p2, av2, o2, seeds2 = run(100)
+    assert torch.equal(o1["x"].probs, o2["x"].probs) and torch.equal(seeds1, seeds2)
+    assert len(set(seeds1.tolist())) == len(seeds1)  # one seed per distinct episode
+    assert torch.allclose(o1["x+y"].probs, o1["x"].probs.flip(-1))
+    # patient 2 only has c: its 4 pairs (c, a+c, b+c, a+b+c) are one episode with one output
+    rows = (p1 == 2).nonzero().flatten()
+    assert len(rows) == 4 and bool((o1["x"].probs[rows] == o1["x"].probs[rows[0]]).all())
+    tg = P.Targets("classification", torch.tensor([0, 1, 0]))
+    res = P.evaluate_all_subsets({0: [P.Method("x", tokens, fn, also=("x+y",))]}, pav, tg, mods,
+                                 metric_fn=_accuracy_metric)
+    assert res["methods"] == ["x", "x+y"] and res["reference_method"] == "x+y"
+    acc = lambda m: res["per_seed"]["0"][m]["a+b+c"]["metrics"]["accuracy"]  # noqa: E731
+    # two classes: flipping the probabilities flips every prediction
+    assert acc("x") + acc("x+y") == pytest.approx(1.0)
