@@ -84,7 +84,7 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
-        def train_step() -> None:
+        def train_step(model=model, opt=opt, batch=batch, amp=amp) -> None:
             model.train()
             opt.zero_grad(set_to_none=True)
             with amp:
@@ -94,10 +94,10 @@ def main() -> None:
             model.update_ema()
 
         @torch.no_grad()
-        def predict() -> None:
+        def predict(model=model, batch=batch, amp=amp, k=cfg.diffusion.num_samples) -> None:
             model.eval()
             with amp:
-                model(batch, num_samples=cfg.diffusion.num_samples)
+                model(batch, num_samples=k)
 
         t_train = timed(train_step, args.repeats, device)
         t_pred = timed(predict, args.repeats, device)

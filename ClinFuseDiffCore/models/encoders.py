@@ -277,7 +277,7 @@ class ModalityEncoders(nn.Module):
                 mod.grad_checkpointing = enabled
 
     def _check_batch(self, batch: Mapping[str, Any], available: torch.Tensor) -> None:
-        B, M = available.shape
+        M = available.shape[1]
         if M != len(self.modalities):
             raise ValueError(
                 f"available mask has {M} modalities, the model has {len(self.modalities)}: {self.modalities}"

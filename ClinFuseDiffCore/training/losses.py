@@ -127,7 +127,7 @@ def info_nce(
     """
     if temperature <= 0:
         raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
-    B, M, _ = tokens.shape
+    M = tokens.shape[1]
     avail = available.bool().to(tokens.device)
     q = F.normalize(tokens, dim=-1)  # (B, M, E)
     keys, key_avail = q, avail
