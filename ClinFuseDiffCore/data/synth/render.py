@@ -27,18 +27,17 @@ from .params import PatientParameters, SiteProfile
 # Field of view (mm, scanner x/y/z) that every scan covers; the head fits inside with margin.
 FOV_MM = np.array([176.0, 212.0, 176.0])
 # Tissue classes of the fraction stack.
-CLASSES = ("background", "csf", "gm", "wm", "bone", "scalp", "necrosis", "rim", "oedema",
-           "calcification")
+CLASSES = ("background", "csf", "gm", "wm", "bone", "scalp", "necrosis", "rim", "oedema")
 # Mean intensity of each class per modality (MRI arbitrary units, WM of T1 = 0.8; CT HU; PET SUV).
-# 'rim' of T1ce, 'calcification' of CT and 'rim'/'calcification' of PET are set per patient.
+# 'rim' of T1ce and PET is set per patient. Calcification is drawn into CT only (350-800 HU).
 CONTRAST: dict[str, tuple[float, ...]] = {
-    #            bg     csf    gm     wm     bone    scalp  nec    rim    oed    calc
-    "mri_t1":   (0.0,   0.25,  0.55,  0.80,  0.12,   0.85,  0.30,  0.50,  0.45,  0.35),
-    "mri_t1ce": (0.0,   0.27,  0.57,  0.80,  0.12,   0.90,  0.30,  -1.0,  0.45,  0.35),
-    "mri_t2":   (0.0,   1.00,  0.62,  0.45,  0.08,   0.55,  0.95,  0.70,  0.85,  0.25),
-    "mri_flair": (0.0,  0.08,  0.62,  0.45,  0.08,   0.55,  0.45,  0.70,  0.95,  0.25),
-    "ct":       (-1000.0, 8.0, 40.0,  28.0,  1000.0, 20.0,  15.0,  38.0,  18.0,  -1.0),
-    "pet":      (0.0,   0.4,   7.0,   2.8,   0.3,    0.8,   1.0,   -1.0,  2.0,   -1.0),
+    #            bg     csf    gm     wm     bone    scalp  nec    rim    oed
+    "mri_t1":   (0.0,   0.25,  0.55,  0.80,  0.12,   0.85,  0.30,  0.50,  0.45),
+    "mri_t1ce": (0.0,   0.27,  0.57,  0.80,  0.12,   0.90,  0.30,  -1.0,  0.45),
+    "mri_t2":   (0.0,   1.00,  0.62,  0.45,  0.08,   0.55,  0.95,  0.70,  0.85),
+    "mri_flair": (0.0,  0.08,  0.62,  0.45,  0.08,   0.55,  0.45,  0.70,  0.95),
+    "ct":       (-1000.0, 8.0, 40.0,  28.0,  1000.0, 20.0,  15.0,  38.0,  18.0),
+    "pet":      (0.0,   0.4,   7.0,   2.8,   0.3,    0.8,   1.0,   -1.0,  2.0),
 }
 MRI = ("mri_t1", "mri_t1ce", "mri_t2", "mri_flair")
 WM_T1 = 0.8
@@ -232,16 +231,19 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
     rim = tumour & ~nec
     oed = (~tumour) & (r < oedema_outer) & ((gm + wm) > 0.35)
 
+    # calcified blobs from their own generator, so the other modalities do not change with them
     calc = np.zeros(grid, dtype=bool)
+    crng = np.random.default_rng([seed, p.index, 3])
+    calc_hu = float(crng.uniform(350.0, 800.0))
     tidx = np.flatnonzero(tumour & (rho < 0.95))
     blobs = []
     if p.calcifications and tidx.size:
         yt = y.reshape(3, -1)[:, tidx]  # (3, T)
         for _ in range(p.calcifications):
-            d = rng.normal(size=3)
+            d = crng.normal(size=3)
             d /= np.linalg.norm(d)
-            bc = centre + (0.7 * p.tumour_radius_mm * rng.uniform(0, 1) ** (1 / 3) * d).astype(np.float32)
-            br = np.float32(rng.uniform(2.5, 4.5))
+            bc = centre + (0.7 * p.tumour_radius_mm * crng.uniform(0, 1) ** (1 / 3) * d).astype(np.float32)
+            br = np.float32(crng.uniform(2.5, 4.5))
             hit = ((yt - bc[:, None]) ** 2).sum(axis=0) < br * br
             calc.reshape(-1)[tidx[hit]] = True
             blobs.append(round(float(br), 2))
@@ -255,16 +257,15 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
     fr[3] = np.where(keep, wm, 0.0)
     fr[4] = bone
     fr[5] = scalp
-    fr[6] = np.where(nec & ~calc, fr_tumour, 0.0)
-    fr[7] = np.where(rim & ~calc, fr_tumour, 0.0)
+    fr[6] = np.where(nec, fr_tumour, 0.0)
+    fr[7] = np.where(rim, fr_tumour, 0.0)
     fr[8] = np.where(oed, gm + wm, 0.0)
-    fr[9] = np.where(calc, fr_tumour, 0.0)
     fr[0] = np.clip(1.0 - fr[1:].sum(axis=0), 0.0, 1.0)
 
     seg = np.zeros(grid, dtype=np.uint8)
     seg[oed] = 2
     seg[rim] = 4
-    seg[nec | calc] = 1
+    seg[nec] = 1
     lab_idx = np.argmax(np.stack([fr[0], fr[1], fr[2], fr[3], fr[4], fr[5]]), axis=0)
     brain_labels = np.array([0, 1, 2, 3, 5, 6], dtype=np.uint8)[lab_idx]
     brain_labels[seg > 0] = 4
@@ -273,17 +274,13 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
     # 5. contrasts
     bias = np.exp(_smooth_field(rng, grid, 4, 1)[0] * np.float32(site.bias))
     gain = site.mri_gain * math.exp(rng.normal(0.0, 0.1))
-    calc_hu = float(rng.uniform(350.0, 800.0))
     images: dict[str, np.ndarray] = {}
     for name in modalities:
         mu = np.array(CONTRAST[name], dtype=np.float32)
         if name == "mri_t1ce":
             mu[7] = WM_T1 * p.enhancement
-        if name == "ct":
-            mu[9] = calc_hu
         if name == "pet":
             mu[7] = p.pet_suv
-            mu[9] = p.pet_suv
         img = np.tensordot(mu, fr, axes=1)  # (I, J, K)
         if name in MRI:
             img = np.maximum(img, 0.0) ** np.float32(site.mri_gamma)
@@ -296,6 +293,8 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
             img = np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)  # Rician
             images[name] = np.clip(np.rint(img * np.float32(gain)), 0, 32767).astype(np.int16)
         elif name == "ct":
+            under = np.where(nec[calc], mu[6], mu[7])  # HU of the tumour tissue replaced
+            img[calc] += (np.float32(calc_hu) - under) * fr_tumour[calc]
             img = img + np.float32(site.ct_noise_hu) * rng.standard_normal(grid, dtype=np.float32)
             images[name] = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
         else:  # pet
