@@ -232,7 +232,7 @@ class ClinFuseDiffModel(nn.Module):
             full = cond if available_full is None else self._mask(available_full) | cond
 
         have_target = (time is not None and event is not None) if self.task == "survival" else target is not None
-        zero = tokens.sum() * 0.0
+        zero = tokens.sum() * 0.0 + 0.0  # a graph-carrying +0 (x * 0 is -0 for negative x)
         if isinstance(self.fusion, DiffusionFusion):
             z_teacher = self.fusion.teacher_fuse(tokens, full)  # (B, E) online teacher, full set
             z0 = self.fusion.teacher_target(tokens, full)  # (B, E) no gradient

@@ -42,7 +42,7 @@ def cox_neg_partial_log_likelihood(
     if log_hz.shape != time.shape or time.shape != event.shape:
         raise ValueError(f"log_hz {tuple(log_hz.shape)}, time {tuple(time.shape)}, event {tuple(event.shape)} differ")
     if not bool(event.any()):
-        return log_hz.sum() * 0.0
+        return log_hz.sum() * 0.0 + 0.0
     at_risk = time.unsqueeze(0) >= time.unsqueeze(1)  # (B, B): [i, j] = j at risk at time_i
     log_risk = torch.logsumexp(log_hz.unsqueeze(0).masked_fill(~at_risk, float("-inf")), dim=1)  # (B,)
     return -(log_hz - log_risk)[event].mean()
@@ -141,7 +141,7 @@ def info_nce(
     eye = torch.eye(M, dtype=torch.bool, device=tokens.device)
     rows = (avail.T[:, None, :] & avail.T[None, :, :]) & ~eye[:, :, None]  # (M, M, B): b has i and j, i != j
     if not bool(rows.any()):
-        return tokens.sum() * 0.0
+        return tokens.sum() * 0.0 + 0.0
     logits = sim[rows]  # (R, B+N)
     target = rows.nonzero(as_tuple=True)[2]  # (R,) the patient index b is the positive column
     return F.cross_entropy(logits, target)
