@@ -138,6 +138,8 @@ class ClinFuseDiffModel(nn.Module):
             z (B, E) when ``num_samples == 1``, else (K, B, E).
         """
         available = self._mask(available)
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if isinstance(self.fusion, DiffusionFusion):
             return self.fusion(
                 tokens, available, num_samples=num_samples, generator=generator,

@@ -91,6 +91,8 @@ def test_build_model_errors_name_the_problem():
     model = build_model(tiny_cfg("model.fusion=mean"), DIMS)
     with pytest.raises(ValueError, match=r"available must be \(B, 3\)"):
         model.fuse(torch.zeros(2, 3, 32), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        model.fuse(torch.zeros(2, 3, 32), torch.ones(2, 3, dtype=torch.bool), num_samples=0)
     with pytest.raises(ValueError, match="available mask is required"):
         model.compute_losses(torch.zeros(2, 3, 32))
 
