@@ -60,7 +60,12 @@ from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distr
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = ("loss", "mse", "mae", "brier", "ece")
+LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "brier", "ece")
+VAL_METRICS = {
+    "classification": ["val_loss", "val_auroc", "val_balanced_accuracy", "val_ece", "val_brier"],
+    "survival": ["val_loss", "val_c_index"],
+    "regression": ["val_loss", "val_mae", "val_rmse"],
+}
 
 
 @dataclass
@@ -280,6 +285,11 @@ def train(
     t_start = time.perf_counter()
     tc = cfg.training
     out_dir = Path(out_dir)
+    if tc.monitor not in VAL_METRICS[cfg.data.task]:
+        raise ValueError(
+            f"training.monitor={tc.monitor!r} is not a validation metric of task "
+            f"{cfg.data.task!r}; choose one of {VAL_METRICS[cfg.data.task]}"
+        )
 
     # -- processes, device, seeds ------------------------------------------------------------
     dist_info: DistInfo = init_distributed(resolve_device(cfg.experiment.device))
@@ -294,7 +304,7 @@ def train(
 
     # -- data -----------------------------------------------------------------------------------
     if cohort is None:
-        cohort = prepare_cohort(cfg, out_dir, dist_info=dist_info)
+        cohort = prepare_cohort(cfg, out_dir, dist_info=dist_info, show_progress=show_progress)
     train_ds, val_ds = cohort.datasets["train"], cohort.datasets["val"]
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise ValueError(
@@ -441,11 +451,6 @@ def train(
         pred = predict_batches(model, val_loader, device, tc.amp, cfg.experiment.seed,
                                cfg.diffusion.num_samples if cfg.model.fusion == "diffusion" else 1)
         val_stats = validation_metrics(cfg.data.task, pred)
-        if tc.monitor not in val_stats:
-            raise ValueError(
-                f"training.monitor={tc.monitor!r} is not a validation metric of task "
-                f"{cfg.data.task!r}; choose one of {sorted(val_stats)}"
-            )
         record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **train_stats, **val_stats,
                   "seconds": time.perf_counter() - t_epoch}
         history.append(record)
@@ -516,7 +521,7 @@ def train_fusions(
 
     out_dir = Path(out_dir)
     fusions = list(fusions or cfg.training.fusions)
-    cohort = prepare_cohort(cfg, out_dir)
+    cohort = prepare_cohort(cfg, out_dir, show_progress=show_progress)
     results: dict[str, TrainResult] = {}
     encoder_ckpt = None
     if cfg.training.stage == "two_stage":
