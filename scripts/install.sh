@@ -27,6 +27,13 @@ if [[ ",$extras," == *",totalseg,"* ]]; then
   # ClinFuseDiff's TotalSegmentator backend never imports it, so that is harmless.
   TORCH_MINOR=$(echo "$TORCH_VERSION" | cut -d. -f2)
   python -m pip install -q -e "$spec" "torch==${TORCH_VERSION}" "torchvision==0.$((TORCH_MINOR + 15)).*"
+  # A torchvision that cannot import is worse than none: torchmetrics (and torchsurv through it)
+  # import it whenever it is installed and then fail. Remove it in that case; TotalSegmentator's
+  # path through ClinFuseDiff never needs it (tested by Testing/data/test_totalsegmentator.py).
+  if ! python -c "import torchvision" >/dev/null 2>&1; then
+    echo "torchvision does not import beside torch ${TORCH_VERSION}; uninstalling it (not needed)"
+    python -m pip uninstall -q -y torchvision
+  fi
 else
   python -m pip install -q -e "$spec" "torch==${TORCH_VERSION}"
 fi
