@@ -331,15 +331,22 @@ def episode_losses(
     t = noise.t[step]
     eps = noise.eps[step]
     x_t = sched.add_noise(z0, eps, t)  # (N, E)
-    out = fusion.denoiser(x_t, t, tokens, cond)  # (N, E)
-    diff = (out - sched.training_target(z0, eps, t)).pow(2).mean(-1)  # (N,)
     zero = torch.zeros(N, device=tokens.device, dtype=tokens.dtype)
     recon, contra = zero, zero
-    if has_h.any() and (weights["recon"] > 0 or weights["contra"] > 0):
-        # Generate the fused vector from the rest, starting from pure noise (sees nothing of h).
+    need_gen = bool(has_h.any()) and (weights["recon"] > 0 or weights["contra"] > 0)
+    if need_gen:
+        # One denoiser call for both: rows [0, N) denoise x_t at t; rows [N, 2N) generate the
+        # fused vector from the rest, from pure noise at T-1 (sees nothing of h). Row r belongs
+        # to episode r % N, as the adapters expect.
         tT = torch.full((N,), T - 1, dtype=torch.long, device=tokens.device)
         x_gen = noise.x_gen[step]
-        out_g = fusion.denoiser(x_gen, tT, tokens, cond)  # (N, E)
+        out2 = fusion.denoiser(torch.cat([x_t, x_gen]), torch.cat([t, tT]),
+                               torch.cat([tokens, tokens]), torch.cat([cond, cond]))  # (2N, E)
+        out, out_g = out2[:N], out2[N:]
+    else:
+        out = fusion.denoiser(x_t, t, tokens, cond)  # (N, E)
+    diff = (out - sched.training_target(z0, eps, t)).pow(2).mean(-1)  # (N,)
+    if need_gen:
         z_gen, _ = sched.predict_start_and_noise(out_g, x_gen, tT)  # (N, E)
         rec = decoders(z_gen)  # (N, M, E)
         rec_h = rec[torch.arange(N), h]  # (N, E)
