@@ -30,6 +30,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -684,7 +685,7 @@ def evaluate_all_subsets(
 FUSION_NAMES = ("mean", "attention", "diffusion")
 
 
-def resolve_checkpoints(specs: Sequence[str]) -> list[dict[str, "Path"]]:
+def resolve_checkpoints(specs: Sequence[str]) -> list[dict[str, Path]]:
     """Turn ``--checkpoint`` arguments into runs: one {method: checkpoint path} per training seed.
 
     Accepted forms (mixable):
@@ -697,8 +698,6 @@ def resolve_checkpoints(specs: Sequence[str]) -> list[dict[str, "Path"]]:
     Returns:
         list of runs; every run has the same method names.
     """
-    from pathlib import Path
-
     from ..training.checkpoint import load_checkpoint
 
     named: dict[str, Path] = {}
@@ -798,7 +797,7 @@ def methods_for_run(predictors: Mapping[str, Any], encoded: Mapping[str, Mapping
 
 def evaluate_checkpoints(
     checkpoints: Sequence[str],
-    out_dir: "str | Path",
+    out_dir: str | Path,
     *,
     data_root: Optional[str] = None,
     seeds: int = 3,
@@ -830,7 +829,6 @@ def evaluate_checkpoints(
     """
     import dataclasses
     import json
-    from pathlib import Path
 
     from ..config import Config
     from ..data.dataset import prepare_cohort
