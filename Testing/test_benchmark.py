@@ -1,0 +1,74 @@
+"""The benchmark's --quick mode end to end (CI): a tiny cohort and model trained in tmp_path, every
+row of the JSON measured. Figures are not checked against targets (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ClinFuseDiffCore.benchmark import NO_GPU, TARGETS, PeakRSS, format_table, subset_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_subset_rows_only_subsets_the_patient_has():
+    import torch
+
+    av = torch.tensor([[True, True, False], [True, False, False]])
+    p_idx, cond, s_idx = subset_rows(av, ["a", "b", "c"])
+    # patient 0 has {a}, {b}, {a,b}; patient 1 has {a}
+    assert sorted(p_idx.tolist()) == [0, 0, 0, 1]
+    assert not (cond & ~av[p_idx]).any()
+    assert cond.any(-1).all()
+    assert len(set(zip(p_idx.tolist(), s_idx.tolist()))) == 4
+
+
+def test_peak_rss_sees_a_new_allocation():
+    import numpy as np
+
+    rss = PeakRSS()
+    rss.reset()
+    before = rss.peak_bytes()
+    a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    after = rss.peak_bytes()
+    assert a.sum() > 0
+    assert after - before >= 48 * 2**20
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_row(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "benchmark.py"), "--quick", "--threads", "1",
+         "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "benchmark.json").read_text())
+    rows = {r["id"]: r for r in res["rows"]}
+    assert list(rows) == list(TARGETS)
+    for rid, r in rows.items():
+        if rid == "cuda_max_allocated_gib":
+            assert r["value"] is None and r["note"] == NO_GPU
+            continue
+        assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"]), (rid, r)
+        if rid not in ("ddim_vs_ddpm_auroc",):
+            assert r["value"] > 0, (rid, r)
+        if r["target"]:
+            assert r["met"] in (True, False)
+    # The sampling row compares DDIM at the configured steps with DDPM at every training step.
+    s = res["details"]["sampling"]
+    assert s["ddpm"]["steps"] == s["T"] == 50
+    assert "2" in {str(k) for k in s["ddim"]}
+    assert res["details"]["batched_ttt"]["episodes"] == 32
+    assert res["load_average_start"] is None or len(res["load_average_start"]) == 3
+    # The printed table is the file's table, one line per row.
+    table = (out / "benchmark.txt").read_text()
+    assert table.strip() == format_table(res).strip()
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in table.splitlines()) == len(TARGETS)
+    assert "not measured: no GPU" in proc.stdout
