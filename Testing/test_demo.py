@@ -33,18 +33,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     split = json.loads((out / "train" / "split.json").read_text())
     pred = json.loads((out / "inference" / "prediction.json").read_text())
     assert pred["patient_id"] in split["test"]
-    dropped = pred["extra"]["dropped_modality"]
+    summary = json.loads((out / "demo_summary.json").read_text())
+    dropped = summary["inference"]["dropped"]
     assert dropped in pred["modalities"]["missing"] and dropped not in pred["modalities"]["used"]
     probs = list(pred["prediction"]["probabilities"].values())
     assert np.isclose(sum(probs), 1.0, atol=1e-4)
     assert pred["ttt"]["used"] is True
     from ClinFuseDiffCore.outputs import read_segmentation
 
-    seg, labels, _ = read_segmentation(out / "inference" / f"{pred['patient_id']}.seg.nrrd")
+    seg, labels, _ = read_segmentation(out / "inference" / pred["segmentation"]["file"])
     assert "brain" in labels.values() and (seg.array > 0).any()
     assert (out / "inference" / "report.png").stat().st_size > 1000
 
-    summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["seconds"]) >= {"generate", "preprocess", "train", "evaluate", "infer", "total"}
     assert "diffusion+ttt" in printed and str(out / "inference" / "prediction.json") in printed
 
