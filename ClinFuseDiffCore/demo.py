@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _pick_patient(cohort_root: Path, test_ids: list[str], modalities: list[str],
     return cands[0]
 
 
-def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: Optional[str],
+def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: str | None,
                   out_dir: Path, *, seed: int = 0) -> dict[str, Any]:
     """Predict one patient of a cohort folder with TTT and a modality removed, through the same
     code path as ``clinfusediff infer`` (writes ``prediction.json``, the ``.seg.nrrd`` and
@@ -140,13 +141,13 @@ def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: Op
     return {"patient_id": pid, "dropped": drop, "record": record, "paths": paths}
 
 
-def _fmt_iv(iv: Optional[dict[str, float]]) -> str:
+def _fmt_iv(iv: dict[str, float] | None) -> str:
     if not iv:
         return "-"
     m, lo, hi = iv.get("mean"), iv.get("ci_low"), iv.get("ci_high")
-    if m is None or m != m:
+    if m is None or math.isnan(m):
         return "-"
-    if lo is None or lo != lo:
+    if lo is None or math.isnan(lo):
         return f"{m:.3f}"
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -154,12 +155,12 @@ def _fmt_iv(iv: Optional[dict[str, float]]) -> str:
 def summary_table(results: dict[str, Any], val_metric: dict[str, float], monitor: str) -> str:
     """A plain-text table: per method, validation metric and the test summary of the primary metric."""
     pm = results["primary_metric"]
-    rows = [f"{'method':<15} {'val ' + monitor:>12}  {'test ' + pm + ' mean over subsets':<30} "
-            f"{'worst subset':<26} {'full set':<26} {'drop vs full':<26} hurt rate"]
+    rows = [(f"{'method':<15} {'val ' + monitor:>12}  {'test ' + pm + ' mean over subsets':<30} "
+            f"{'worst subset':<26} {'full set':<26} {'drop vs full':<26} hurt rate")]
     for m in results["methods"]:
         s = results["summary"][m][pm]
         v = val_metric.get(m.split("+")[0])
-        rows.append(f"{m:<15} {('%.3f' % v) if v is not None else '-':>12}  {_fmt_iv(s['mean']):<30} "
+        rows.append(f"{m:<15} {(f'{v:.3f}') if v is not None else '-':>12}  {_fmt_iv(s['mean']):<30} "
                     f"{_fmt_iv(s['worst']):<26} {_fmt_iv(s['full']):<26} {_fmt_iv(s['drop_vs_full']):<26} "
                     f"{_fmt_iv(s['harm_rate'])}")
     return "\n".join(rows)
@@ -257,11 +258,11 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
                  else str(p))
     lines = [
         "", "ClinFuseDiff demo summary", "=" * 25,
-        f"cohort {root}: {results['n_patients']} test patients, {len(results['subsets'])} subsets, "
-        f"seeds {results['seeds']} (95% t-intervals over evaluation seeds)", "",
+        (f"cohort {root}: {results['n_patients']} test patients, {len(results['subsets'])} subsets, "
+        f"seeds {results['seeds']} (95% t-intervals over evaluation seeds)"), "",
         summary_table(results, res.val_metric, cfg.training.monitor), "",
-        f"inference: patient {inf['patient_id']} without {drop}: {pred_line}; "
-        f"TTT {inf['record']['ttt']}",
+        (f"inference: patient {inf['patient_id']} without {drop}: {pred_line}; "
+        f"TTT {inf['record']['ttt']}"),
         "", "wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()),
         "CPU time of this process (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.cpu_seconds.items()),
         "", "outputs:",

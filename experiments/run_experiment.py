@@ -33,10 +33,12 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import yaml
@@ -44,9 +46,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ClinFuseDiffCore.config import Config  # noqa: E402
-from ClinFuseDiffCore.evaluation.protocol import interval  # noqa: E402
-from ClinFuseDiffCore.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from ClinFuseDiffCore.config import Config
+from ClinFuseDiffCore.evaluation.protocol import interval
+from ClinFuseDiffCore.utils import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,7 +66,7 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def experiment_config(base_dir: Path, exp_yaml: Optional[Path]) -> tuple[Config, dict[str, Any]]:
+def experiment_config(base_dir: Path, exp_yaml: Path | None) -> tuple[Config, dict[str, Any]]:
     """The main run's resolved config with the experiment's sections merged in.
 
     Returns:
@@ -88,7 +90,8 @@ def site_split(cohort_root: Path, train_sites: list[str], test_sites: list[str],
     train/val parts are drawn (stratified by label) from ``train_sites``."""
     from ClinFuseDiffCore.data.dataset import make_split
 
-    rows = list(csv.DictReader(open(cohort_root / "manifest.csv", newline="")))
+    with open(cohort_root / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     sites = sorted({r["site"] for r in rows})
     bad = sorted(set(train_sites + test_sites) - set(sites))
     if bad:
@@ -105,11 +108,11 @@ def site_split(cohort_root: Path, train_sites: list[str], test_sites: list[str],
 # --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
-def _f(iv: Optional[Mapping[str, Any]], d: int = 3) -> str:
+def _f(iv: Mapping[str, Any] | None, d: int = 3) -> str:
     if not iv or iv.get("mean") is None or iv["mean"] != iv["mean"]:
         return "–"
     lo, hi = iv.get("ci_low"), iv.get("ci_high")
-    if lo is None or lo != lo:
+    if lo is None or math.isnan(lo):
         return f"{iv['mean']:.{d}f}"
     return f"{iv['mean']:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
 
@@ -126,7 +129,7 @@ def by_size(results: Mapping[str, Any], metric: str) -> dict[str, dict[int, dict
             acc: dict[int, list[float]] = {}
             for k, e in rows.items():
                 v = e["metrics"].get(metric)
-                if v is not None and v == v:
+                if v is not None and not math.isnan(v):
                     acc.setdefault(sizes[k], []).append(v)
             for n, vals in acc.items():
                 per_size.setdefault(n, []).append(float(np.mean(vals)))
@@ -134,7 +137,7 @@ def by_size(results: Mapping[str, Any], metric: str) -> dict[str, dict[int, dict
     return out
 
 
-def seen_unseen_by_size(results: Mapping[str, Any], metric: Optional[str] = None) -> list[str]:
+def seen_unseen_by_size(results: Mapping[str, Any], metric: str | None = None) -> list[str]:
     """Seen vs unseen combinations of the same size (only sizes that have both), per method."""
     pm = metric or results["primary_metric"]
     first = results["per_subset"][results["methods"][0]]
@@ -159,10 +162,10 @@ def seen_unseen_by_size(results: Mapping[str, Any], metric: Optional[str] = None
     return lines
 
 
-def summary_table(results: Mapping[str, Any], metric: Optional[str] = None) -> list[str]:
+def summary_table(results: Mapping[str, Any], metric: str | None = None) -> list[str]:
     pm = metric or results["primary_metric"]
-    lines = [f"| method | {pm} mean over subsets | worst subset | full set | drop vs full | "
-             "adding a modality hurts (rate) | seen | unseen |", "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"| method | {pm} mean over subsets | worst subset | full set | drop vs full | "
+             "adding a modality hurts (rate) | seen | unseen |"), "|---|---|---|---|---|---|---|---|"]
     for m in results["methods"]:
         s = results["summary"][m][pm]
         lines.append(f"| {m} | {_f(s['mean'])} | {_f(s['worst'])} | {_f(s['full'])} | {_f(s['drop_vs_full'])} "
@@ -200,18 +203,18 @@ def ttt_line(results: Mapping[str, Any]) -> list[str]:
     ex = (results.get("method_extra") or {}).get("diffusion+ttt") or {}
     if not ex.get("episodes"):
         return []
-    return [f"TTT: {int(ex['episodes'])} episodes, {ex.get('steps', 0):g} steps, "
+    return [(f"TTT: {int(ex['episodes'])} episodes, {ex.get('steps', 0):g} steps, "
             f"{ex.get('n_params', 0):g} adapted parameters per episode; "
             f"{ex.get('acceptance_rate', 0):.1%} of updates kept; "
-            f"{ex.get('adapt_ms_per_episode', 0):.1f} ms per episode (batched)."]
+            f"{ex.get('adapt_ms_per_episode', 0):.1f} ms per episode (batched).")]
 
 
 def tables(results: Mapping[str, Any], title: str) -> str:
     n_seeds = len(results["seeds"])
     lines = [f"### {title}", "",
-             f"{results['n_patients']} test patients ({results['patients_missing_modalities']} with really "
+             (f"{results['n_patients']} test patients ({results['patients_missing_modalities']} with really "
              f"missing modalities), {len(results['subsets'])} subsets; mean [95% t-interval over "
-             f"{n_seeds} seeds: {results.get('seed_kind', '')}].", ""]
+             f"{n_seeds} seeds: {results.get('seed_kind', '')}]."), ""]
     if results.get("excluded_combinations"):
         lines += [f"Excluded from training (unseen): {len(results['excluded_combinations'])} combinations.", ""]
     lines += summary_table(results) + [""]
@@ -293,7 +296,7 @@ def run_site(base: Path, out: Path, exp_yaml: Path, seeds: int) -> str:
     return text
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("experiment", choices=["main", "unseen", "site"])
     p.add_argument("--base", default="outputs/demo", help="the clinfusediff demo output folder")
