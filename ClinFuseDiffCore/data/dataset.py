@@ -344,6 +344,8 @@ class FeatureDataset(Dataset):
         task: sets the dtype of ``target``.
         dropout: missing-modality simulation (training); None for evaluation.
         seed: seeds the simulation together with ``set_epoch``.
+        tabular: optional ``{name: {"num", "num_missing", "cat": (N, F)}}`` carried into the
+            items (two-stage training keeps the cheap tabular encoders trainable).
     """
 
     def __init__(
@@ -357,6 +359,7 @@ class FeatureDataset(Dataset):
         task: str = "classification",
         dropout: Optional[ModalityDropout] = None,
         seed: int = 0,
+        tabular: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
     ):
         n = tokens.shape[0]
         if not (present.shape[0] == len(target) == len(time) == len(event) == len(patient_ids) == n):
@@ -371,6 +374,8 @@ class FeatureDataset(Dataset):
         self.dropout = dropout
         self.seed = int(seed)
         self.epoch = 0
+        # Raw tabular features (N, F) per modality, for tabular encoders that keep training.
+        self.tabular = {m: {f: t.detach().cpu() for f, t in v.items()} for m, v in (tabular or {}).items()}
 
     @property
     def patient_ids(self) -> list[str]:
@@ -394,6 +399,8 @@ class FeatureDataset(Dataset):
             target = torch.tensor(float(t), dtype=torch.float32)
         return {
             "tokens": self.tokens[index],  # (M, E)
+            **({"tabular": {m: {f: t[index] for f, t in v.items()} for m, v in self.tabular.items()}}
+               if self.tabular else {}),
             "available": torch.from_numpy(available.copy()),
             "available_full": torch.from_numpy(present.copy()),
             "target": target,

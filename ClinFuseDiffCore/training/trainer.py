@@ -107,10 +107,41 @@ class LossModule(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if "tokens" in batch:
             return self.model.compute_losses(
-                batch["tokens"], batch["available"], batch["target"],
+                feature_tokens(self.model, batch), batch["available"], batch["target"],
                 available_full=batch["available_full"], time=batch["time"], event=batch["event"],
             )
         return self.model.compute_losses(batch)
+
+
+def feature_tokens(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Tokens (B, M, E) of a feature batch: the cached (frozen) image tokens plus, when the batch
+    carries ``tabular`` inputs, the tokens of the tabular encoders, which keep training in stage 2
+    (they cost nothing next to the image encoders). Cached tokens are 0 at tabular columns."""
+    tokens = batch["tokens"]  # (B, M, E)
+    if not model.tabular_modalities or "tabular" not in batch:
+        return tokens
+    full = batch["available_full"]
+    mask = torch.zeros_like(full)
+    cols = [model.modalities.index(m) for m in model.tabular_modalities]
+    mask[:, cols] = full[:, cols]
+    no_images = tokens.new_zeros(tokens.shape[0], len(model.image_modalities), 1, 1, 1, 1)
+    return tokens + model.encode({"images": no_images, "tabular": batch["tabular"]}, mask)  # (B, M, E)
+
+
+def image_columns_mask(model: nn.Module, available: torch.Tensor) -> torch.Tensor:
+    """``available`` (B, M) restricted to the image modalities."""
+    keep = torch.tensor([m in model.image_modalities for m in model.modalities], device=available.device)
+    return available & keep
+
+
+def freeze_image_encoders(model: nn.Module) -> None:
+    """Stage 2: image encoders, their projections and the modality embedding stop training;
+    tabular encoders and projections keep training."""
+    tab = set(model.tabular_modalities)
+    for name, p in model.encoders.named_parameters():
+        parts = name.split(".")
+        trainable = parts[0] in ("encoders", "projections") and len(parts) > 1 and parts[1] in tab
+        p.requires_grad_(trainable)
 
 
 def autocast_context(amp: str, device: torch.device):
@@ -160,7 +191,7 @@ def predict_batches(model: nn.Module, loader, device: torch.device, amp: str, se
     for batch in loader:
         batch = to_device(batch, device)
         with autocast_context(amp, device):
-            tokens = batch["tokens"] if "tokens" in batch else model.encode(batch, batch["available"])  # (B, M, E)
+            tokens = feature_tokens(model, batch) if "tokens" in batch else model.encode(batch, batch["available"])  # (B, M, E)
             out = model.predict_from_tokens(tokens, batch["available"], num_samples=num_samples,
                                             generator=gen).float()  # (B, C) or (K, B, C)
         if out.dim() == 2:
@@ -202,12 +233,16 @@ def validation_metrics(task: str, pred: Mapping[str, Any]) -> dict[str, float]:
 
 @torch.no_grad()
 def encode_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int,
-                   amp: str = "none", desc: str = "encode") -> dict[str, Any]:
+                   amp: str = "none", images_only: bool = False) -> dict[str, Any]:
     """Encode every patient of ``dataset`` once (eval mode, no simulation, no augmentation).
+
+    Args:
+        images_only: encode only the image modalities (tabular columns stay 0) and return the
+            raw tabular inputs too (two-stage training re-encodes them every step).
 
     Returns:
         ``{"tokens": (N, M, E) float32, "available": (N, M) bool, "target", "time", "event":
-        (N,), "patient_id": list}``, on the CPU.
+        (N,), "patient_id": list}`` (+ ``"tabular"`` with ``images_only``), on the CPU.
     """
     from ..data.dataset import collate
 
@@ -216,11 +251,13 @@ def encode_dataset(model: nn.Module, dataset, device: torch.device, batch_size: 
     dataset.dropout, dataset.augment = None, None
     try:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-        toks, avail, tg, tm, ev, ids = [], [], [], [], [], []
+        toks, avail, tg, tm, ev, ids, tabs = [], [], [], [], [], [], []
         for batch in loader:
             batch = to_device(batch, device)
+            mask = image_columns_mask(model, batch["available"]) if images_only else batch["available"]
             with autocast_context(amp, device):
-                t = model.encode(batch, batch["available"])  # (B, M, E)
+                t = model.encode(batch, mask)  # (B, M, E)
+            tabs.append({m: {f: x.cpu() for f, x in v.items()} for m, v in batch["tabular"].items()})
             toks.append(t.float().cpu())
             avail.append(batch["available"].cpu())
             tg.append(batch["target"].cpu())
@@ -229,8 +266,11 @@ def encode_dataset(model: nn.Module, dataset, device: torch.device, batch_size: 
             ids += list(batch["patient_id"])
     finally:
         dataset.dropout, dataset.augment = saved
-    return {"tokens": torch.cat(toks), "available": torch.cat(avail), "target": torch.cat(tg),
-            "time": torch.cat(tm), "event": torch.cat(ev), "patient_id": ids}
+    out = {"tokens": torch.cat(toks), "available": torch.cat(avail), "target": torch.cat(tg),
+           "time": torch.cat(tm), "event": torch.cat(ev), "patient_id": ids}
+    if images_only:
+        out["tabular"] = {m: {f: torch.cat([b[m][f] for b in tabs]) for f in tabs[0][m]} for m in tabs[0]}
+    return out
 
 
 def feature_bank_from(encoded: Mapping[str, Any], size: int, seed: int) -> dict[str, Any]:
@@ -292,6 +332,7 @@ def train(
         )
 
     # -- processes, device, seeds ------------------------------------------------------------
+    owns_group = not torch.distributed.is_initialized()  # train_fusions may have started it
     dist_info: DistInfo = init_distributed(resolve_device(cfg.experiment.device))
     device = dist_info.device
     if cfg.experiment.num_threads > 0:
@@ -327,13 +368,13 @@ def train(
             )
         enc_state = {k[len("encoders."):]: v for k, v in enc["model"].items() if k.startswith("encoders.")}
         model.encoders.load_state_dict(enc_state)  # strict: the same encoder architecture
-        model.encoders.requires_grad_(False)
+        freeze_image_encoders(model)
         dropout = ModalityDropout.from_config(cfg.data, cohort.modalities)
         # Features are computed once: every fusion trained on these encoders reuses them.
         cache_key = (str(Path(encoder_checkpoint).resolve()), str(device))
         encoded = cohort.token_cache.get(cache_key)
         if encoded is None:
-            encoded = {part: encode_dataset(model, ds, device, max(tc.batch_size, 16), tc.amp)
+            encoded = {part: encode_dataset(model, ds, device, max(tc.batch_size, 16), tc.amp, images_only=True)
                        for part, ds in (("train", train_ds), ("val", val_ds))}
             cohort.token_cache[cache_key] = encoded
         keep = [i for i, a in enumerate(encoded["train"]["available"].numpy()) if dropout.can_sample(a)]
@@ -341,11 +382,12 @@ def train(
         train_ds = FeatureDataset(tr["tokens"][keep], tr["available"][keep], tr["target"][keep].tolist(),
                                   tr["time"][keep].tolist(), tr["event"][keep].tolist(),
                                   [tr["patient_id"][i] for i in keep], cfg.data.task, dropout,
-                                  cfg.experiment.seed)
+                                  cfg.experiment.seed,
+                                  {m: {f: t[keep] for f, t in v.items()} for m, v in tr["tabular"].items()})
         va = encoded["val"]
         val_ds = FeatureDataset(va["tokens"], va["available"], va["target"].tolist(), va["time"].tolist(),
                                 va["event"].tolist(), va["patient_id"], cfg.data.task, None,
-                                cfg.experiment.seed)
+                                cfg.experiment.seed, va["tabular"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sampler = DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank,
@@ -407,8 +449,14 @@ def train(
             "rng": get_rng_state(), "split": cohort.split, "stage": "fusion" if features_mode else "end_to_end",
         }
 
-    bank_now = (feature_bank_from(encoded["train"], tc.feature_bank_size, cfg.experiment.seed)
-                if features_mode else empty_bank(len(cohort.modalities), cfg.model.embed_dim))
+    @torch.no_grad()
+    def stage2_bank() -> dict[str, Any]:
+        """Stage 2: cached image tokens + tabular tokens of the current weights."""
+        tr = encoded["train"]
+        model.eval()
+        full = feature_tokens(model, to_device({"tokens": tr["tokens"], "available_full": tr["available"],
+                                                "tabular": tr["tabular"]}, device)).cpu()  # (N, M, E)
+        return feature_bank_from({**tr, "tokens": full}, tc.feature_bank_size, cfg.experiment.seed)
 
     # -- epochs -------------------------------------------------------------------------------------
     interrupted = False
@@ -417,8 +465,11 @@ def train(
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         model.train()
-        if features_mode:
-            model.encoders.eval()  # frozen encoders stay in eval mode (BatchNorm statistics)
+        if features_mode:  # frozen image encoders stay in eval mode (normalisation statistics)
+            for name, sub in model.encoders.named_modules():
+                parts = name.split(".")
+                if name and (parts[0].startswith("shared_") or (len(parts) > 1 and parts[1] in model.image_modalities)):
+                    sub.eval()
         sums: dict[str, float] = {}
         n_batches = len(train_loader)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
@@ -466,6 +517,8 @@ def train(
                 if k != "epoch":
                     writer.add_scalar(k.replace("_", "/", 1), v, epoch)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            bank_now = (stage2_bank() if features_mode
+                        else empty_bank(len(cohort.modalities), cfg.model.embed_dim))
             if improved or best_epoch == epoch:
                 save_checkpoint(best_path, payload(epoch, bank_now))
             save_checkpoint(last_path, payload(epoch, bank_now))
@@ -494,7 +547,8 @@ def train(
         atomic_write_json(out_dir / "history.json", history)
         writer.close()
     barrier(dist_info)
-    cleanup(dist_info)
+    if owns_group:
+        cleanup(dist_info)
     return TrainResult(out_dir, best_path, last_path, best_metric, best_epoch, history,
                        time.perf_counter() - t_start, model)
 
@@ -521,7 +575,9 @@ def train_fusions(
 
     out_dir = Path(out_dir)
     fusions = list(fusions or cfg.training.fusions)
-    cohort = prepare_cohort(cfg, out_dir, show_progress=show_progress)
+    owns_group = not torch.distributed.is_initialized()
+    dist_info = init_distributed(resolve_device(cfg.experiment.device))
+    cohort = prepare_cohort(cfg, out_dir, dist_info=dist_info, show_progress=show_progress)
     results: dict[str, TrainResult] = {}
     encoder_ckpt = None
     if cfg.training.stage == "two_stage":
@@ -529,7 +585,7 @@ def train_fusions(
             cfg, model=dataclasses.replace(cfg.model, fusion=cfg.training.stage1_fusion),
             training=dataclasses.replace(cfg.training, epochs=cfg.training.encoder_epochs,
                                          warmup_epochs=min(cfg.training.warmup_epochs,
-                                                           cfg.training.encoder_epochs)),
+                                                           cfg.training.encoder_epochs // 3)),
         )
         results["encoders"] = train(c1, out_dir / "encoders", cohort=cohort, show_progress=show_progress)
         encoder_ckpt = results["encoders"].best_path
@@ -537,4 +593,6 @@ def train_fusions(
         cf = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion=fusion))
         results[fusion] = train(cf, out_dir / fusion, cohort=cohort, encoder_checkpoint=encoder_ckpt,
                                 show_progress=show_progress)
+    if owns_group:
+        cleanup(dist_info)
     return results

@@ -87,23 +87,46 @@ def test_checkpoint_contents(image_run):
     assert any(k.startswith("encoders.") for k in ck["model"])
 
 
-def test_two_stage_shares_frozen_encoders(tmp_path):
-    root = write_tabular_cohort(tmp_path / "cohort")
-    cfg = tabular_config(root, ["training.stage=two_stage", "training.encoder_epochs=1", "training.epochs=2"])
-    res = train_fusions(cfg, tmp_path / "out", ["mean", "diffusion"], show_progress=False)
+def test_two_stage_shares_frozen_image_encoders(image_run):
+    cfg0, _, tmp = image_run
+    cfg = image_config(cfg0.data.root and Path(cfg0.data.root),
+                       ["training.stage=two_stage", "training.encoder_epochs=1", "training.epochs=2"])
+    res = train_fusions(cfg, tmp / "two", ["mean", "diffusion"], show_progress=False)
     assert set(res) == {"encoders", "mean", "diffusion"}
     enc = load_checkpoint(res["encoders"].best_path)["model"]
+    image_keys = [k for k in enc if k.startswith(("encoders.encoders.mri_t1.", "encoders.encoders.ct.",
+                                                   "encoders.projections.ct.", "encoders.modality_embedding"))]
+    tab_keys = [k for k in enc if k.startswith("encoders.encoders.clinical.")]
+    assert image_keys and tab_keys
     for fusion in ("mean", "diffusion"):
         ck = load_checkpoint(res[fusion].best_path)
         assert ck["config"]["model"]["fusion"] == fusion and ck["stage"] == "fusion"
-        for k, v in enc.items():
-            if k.startswith("encoders."):
-                assert torch.equal(ck["model"][k], v), k  # frozen, identical encoders
-        assert ck["feature_bank"]["tokens"].shape[1:] == (2, 16)
+        for k in image_keys:
+            assert torch.equal(ck["model"][k], enc[k]), k  # frozen, identical image encoders
+        # the cheap tabular encoder keeps training in stage 2
+        assert any(not torch.equal(ck["model"][k], enc[k]) for k in tab_keys)
+        bank = ck["feature_bank"]
+        assert bank["tokens"].shape[1:] == (3, 16)
+        assert (bank["tokens"][:, 2].abs().sum(-1) > 0).all() == bank["available"][:, 2].all()
         assert len(res[fusion].history) == 2
-    # the split is shared by every stage
-    assert (tmp_path / "out" / "split.json").is_file()
-    assert not (tmp_path / "out" / "mean" / "split.json").exists()
+        # the bank equals what the stage-2 model computes from the images for those patients
+        from ClinFuseDiffCore.data.dataset import collate, prepare_cohort
+        from ClinFuseDiffCore.models import build_model
+
+        model = build_model(Config.from_dict(ck["config"]), ck["tabular_dims"])
+        model.load_state_dict(ck["model"])
+        model.eval()
+        cohort = prepare_cohort(cfg, tmp / "two", show_progress=False)
+        ds = cohort.datasets["train"]
+        ds.dropout, ds.augment = None, None
+        by_id = {pid: i for i, pid in enumerate(ds.patient_ids)}
+        batch = collate([ds[by_id[p]] for p in bank["patient_ids"]])
+        with torch.no_grad():
+            tokens = model.encode(batch, batch["available"])
+        torch.testing.assert_close(tokens, bank["tokens"], atol=1e-5, rtol=1e-4)
+    # one split for every stage
+    assert (tmp / "two" / "split.json").is_file()
+    assert not (tmp / "two" / "mean" / "split.json").exists()
 
 
 def test_early_stopping_and_monitor_errors(tmp_path):

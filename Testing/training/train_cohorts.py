@@ -15,7 +15,7 @@ TINY_MODEL = [
     "diffusion.num_train_timesteps=50", "diffusion.num_inference_steps=4", "diffusion.num_samples=2",
     "diffusion.denoiser_depth=1", "diffusion.denoiser_heads=2",
     "training.batch_size=4", "training.warmup_epochs=1", "training.lr=3e-3",
-    "training.log_every=1", "training.feature_bank_size=5", "experiment.device=cpu",
+    "training.log_every=1", "training.feature_bank_size=5", "training.amp=none", "experiment.device=cpu",
     "experiment.seed=0",
 ]
 
