@@ -501,9 +501,10 @@ def adapt_and_predict(
     if not bool(available.any(-1).all()):
         raise ValueError("every episode needs at least one available modality")
     task = model.task
-    fusion = copy.deepcopy(model.fusion).eval().requires_grad_(False)  # private copy
-    decoders = model.decoders.eval()
-    head = model.head.eval()
+    # Private eval-mode copies: the stored model is neither modified nor switched to eval mode.
+    fusion = copy.deepcopy(model.fusion).eval().requires_grad_(False)
+    decoders = copy.deepcopy(model.decoders).eval().requires_grad_(False)
+    head = copy.deepcopy(model.head).eval().requires_grad_(False)
     steps = int(ttt_cfg.steps) if adapt and ttt_cfg.enabled else 0
     sampler = fusion.sampler
     n_inf = num_inference_steps or (fusion.num_inference_steps if sampler == "ddim"

@@ -66,6 +66,9 @@ def test_stored_model_unchanged_and_adaptation_happens(kind):
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+    model.train()
+    adapt_and_predict(model, tok[:2], av[:2], torch.arange(2), cfg.ttt, num_samples=1)
+    assert all(m.training for m in model.modules())  # not switched to eval mode either
     assert r.n_params > 0 and r.steps == 3
     # the adaptation really did something: the loss fell for some episode and it was kept
     assert bool(r.accepted.any())
