@@ -188,33 +188,37 @@ def plot_reliability(results: Mapping[str, Any], path: Path) -> Optional[Path]:
 
 
 def plot_uncertainty(results: Mapping[str, Any], path: Path) -> Optional[Path]:
-    """Uncertainty vs number of available modalities: sample spread (diffusion methods) and
-    predictive entropy (every classification method), mean over seeds with the interval."""
-    series = []
-    for kind, label in (("uncertainty_by_size", "sample spread"), ("entropy_by_size", "entropy")):
-        for m, by in results.get(kind, {}).items():
-            if by:
-                series.append((f"{m} ({label})", by))
-    if not series:
+    """Uncertainty vs number of available modalities, mean over seeds with the interval: left,
+    the spread over diffusion samples (sampling methods); right, the predictive entropy (every
+    classification method)."""
+    panels = [(kind, label) for kind, label in
+              (("uncertainty_by_size", "spread over K diffusion samples"),
+               ("entropy_by_size", "predictive entropy (nats)"))
+              if any(results.get(kind, {}).values())]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, by in series:
-        ks = sorted(int(k) for k in by)
-        mean = np.array([by[str(k)]["mean"] for k in ks], float)
-        lo = np.array([np.nan if by[str(k)]["ci_low"] is None else by[str(k)]["ci_low"] for k in ks], float)
-        hi = np.array([np.nan if by[str(k)]["ci_high"] is None else by[str(k)]["ci_high"] for k in ks], float)
-        ax.plot(ks, mean, "o-", label=label)
-        if np.isfinite(lo).all() and np.isfinite(hi).all():
-            ax.fill_between(ks, lo, hi, alpha=0.2)
-    ax.set_xlabel("number of available modalities")
-    ax.set_ylabel("uncertainty (nats for entropy)")
-    ax.set_title("Uncertainty vs available modalities")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (kind, label) in zip(axes[0], panels):
+        for m, by in results[kind].items():
+            if not by:
+                continue
+            ks = sorted(int(k) for k in by)
+            val = lambda k, s: np.nan if by[str(k)][s] is None else by[str(k)][s]  # noqa: E731
+            mean = np.array([val(k, "mean") for k in ks], float)
+            lo = np.array([val(k, "ci_low") for k in ks], float)
+            hi = np.array([val(k, "ci_high") for k in ks], float)
+            ax.plot(ks, mean, "o-", label=m)
+            if np.isfinite(lo).all() and np.isfinite(hi).all():
+                ax.fill_between(ks, lo, hi, alpha=0.2)
+        ax.set_xlabel("number of available modalities")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("Uncertainty vs available modalities (mean over subsets of each size)")
     out = _save_fig(fig, path)
     plt.close(fig)
     return out
