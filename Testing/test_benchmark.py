@@ -11,21 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from ClinFuseDiffCore.benchmark import NO_GPU, TARGETS, PeakRSS, format_table, subset_rows
+from ClinFuseDiffCore.benchmark import NO_GPU, TARGETS, PeakRSS, condition_rows, format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_subset_rows_only_subsets_the_patient_has():
+def test_condition_rows_full_leave_one_out_and_singles():
     import torch
 
-    av = torch.tensor([[True, True, False], [True, False, False]])
-    p_idx, cond, s_idx = subset_rows(av, ["a", "b", "c"])
-    # patient 0 has {a}, {b}, {a,b}; patient 1 has {a}
-    assert sorted(p_idx.tolist()) == [0, 0, 0, 1]
-    assert not (cond & ~av[p_idx]).any()
-    assert cond.any(-1).all()
-    assert len(set(zip(p_idx.tolist(), s_idx.tolist()))) == 4
+    av = torch.tensor([[True, True, True], [True, False, False]])
+    p_idx, cond, group = condition_rows(av)
+    # patient 0: {abc}, {bc}, {ac}, {ab}, {a}, {b}, {c}; patient 1 (one modality): {a} only
+    assert p_idx.tolist() == [0] * 7 + [1]
+    assert not (cond & ~av[p_idx]).any() and cond.any(-1).all()
+    assert len({tuple(c.tolist()) for c in cond[:7]}) == 7
+    # patient 1's {a} shares the group of patient 0's {a}; every other mask is its own group
+    assert group[7] == group[4] and len(set(group.tolist())) == 7
 
 
 def test_peak_rss_sees_a_new_allocation():
