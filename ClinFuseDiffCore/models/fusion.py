@@ -211,7 +211,8 @@ class DiffusionFusion(nn.Module):
         self, tokens: torch.Tensor, available: torch.Tensor, *, num_samples: int = 1,
         generator: Optional[torch.Generator] = None, num_inference_steps: Optional[int] = None,
         sampler: Optional[str] = None, eta: Optional[float] = None,
-        guidance_scale: Optional[float] = None,
+        guidance_scale: Optional[float] = None, noise: Optional[torch.Tensor] = None,
+        variance_noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Draw K samples of the full-modality z given the available tokens.
 
@@ -221,16 +222,28 @@ class DiffusionFusion(nn.Module):
 
         Args:
             tokens: (B, M, E). available: (B, M) bool.
-            num_samples: K. generator: source of x_T (and of DDPM / eta>0 noise).
+            num_samples: K (ignored when ``noise`` is given: K = noise.shape[0]).
+            generator: source of x_T (unless ``noise``) and of the DDPM / eta>0 step noise
+                (unless ``variance_noise``).
             num_inference_steps, sampler, eta, guidance_scale: override the config.
+            noise: explicit starting noise x_T, (K, B, E) (e.g. per-episode draws in TTT).
+            variance_noise: explicit per-step noise for DDPM / eta > 0, (n_steps, K, B, E);
+                n_steps must be at least the number of sampling steps.
 
         Returns:
             (K, B, E) samples.
         """
+        B, M, E = tokens.shape
+        if noise is not None:
+            if noise.dim() != 3 or noise.shape[1:] != (B, E) or noise.shape[0] < 1:
+                raise ValueError(
+                    f"noise must have shape (K, B, E) = (K, {B}, {E}) with K >= 1, got "
+                    f"{tuple(noise.shape)}; pass x_T drawn for these tokens"
+                )
+            num_samples = noise.shape[0]
         K = int(num_samples)
         if K < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        B, M, E = tokens.shape
         sampler = sampler or self.sampler
         if num_inference_steps is None:
             num_inference_steps = (
@@ -246,16 +259,34 @@ class DiffusionFusion(nn.Module):
         if w != 1.0:  # classifier-free guidance: conditional and unconditional rows in one call
             cond = torch.cat([cond, cond], 0)  # (2*K*B, M, E)
             mask = torch.cat([mask, torch.zeros_like(mask)], 0)  # (2*K*B, M)
-        x = _randn((K * B, E), generator, tokens)  # (K*B, E) x_T
-        for t in sched.timesteps.tolist():
+        stochastic = sampler == "ddpm" or eta > 0
+        n_steps = len(sched.timesteps)
+        if stochastic and variance_noise is not None and (
+            variance_noise.dim() != 4 or variance_noise.shape[0] < n_steps
+            or variance_noise.shape[1:] != (K, B, E)
+        ):
+            raise ValueError(
+                f"variance_noise must have shape (n_steps >= {n_steps}, {K}, {B}, {E}) for "
+                f"{sampler} sampling with eta={eta}, got {tuple(variance_noise.shape)}"
+            )
+        if noise is not None:
+            x = noise.reshape(K * B, E).to(tokens.device, tokens.dtype)  # (K*B, E) x_T
+        else:
+            x = _randn((K * B, E), generator, tokens)  # (K*B, E) x_T
+        for i, t in enumerate(sched.timesteps.tolist()):
             xin = torch.cat([x, x], 0) if w != 1.0 else x
             tt = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
             out = self.denoiser(xin, tt, cond, mask)  # (K*B or 2*K*B, E)
             if w != 1.0:
                 out_c, out_u = out.chunk(2, 0)
                 out = out_u + w * (out_c - out_u)  # (K*B, E)
-            noise = _randn((K * B, E), generator, x) if (sampler == "ddpm" or eta > 0) else None
-            x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample  # (K*B, E)
+            if not stochastic:
+                vn = None
+            elif variance_noise is not None:
+                vn = variance_noise[i].reshape(K * B, E).to(x.device, x.dtype)  # (K*B, E)
+            else:
+                vn = _randn((K * B, E), generator, x)  # (K*B, E)
+            x = sched.step(out, t, x, eta=eta, variance_noise=vn).prev_sample  # (K*B, E)
         return x.reshape(K, B, E)  # (K, B, E)
 
     def forward(

@@ -244,8 +244,8 @@ def draw_episode_noise(row_seeds: torch.Tensor, K: int, steps: int, E: int, T: i
 def sample_fused(fusion: nn.Module, tokens: torch.Tensor, available: torch.Tensor,
                  x_T: torch.Tensor, *, num_inference_steps: Optional[int] = None,
                  var_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """K samples of the fused vector from explicit starting noise (``DiffusionFusion.sample``'s
-    loop, with x_T and the variance noise given per episode instead of from one generator).
+    """K samples of the fused vector from explicit starting noise: ``DiffusionFusion.sample``
+    with x_T and the variance noise given per episode instead of drawn from one generator.
 
     Args:
         fusion: a ``DiffusionFusion``.
@@ -256,34 +256,13 @@ def sample_fused(fusion: nn.Module, tokens: torch.Tensor, available: torch.Tenso
     Returns:
         (K, N, E) samples.
     """
-    K, N, E = x_T.shape
-    M = tokens.shape[1]
-    sampler = fusion.sampler
-    if num_inference_steps is None:
-        num_inference_steps = (fusion.num_inference_steps if sampler == "ddim"
-                               else fusion.scheduler.num_train_timesteps)
-    eta, w = fusion.eta, fusion.guidance_scale
-    sched = copy.copy(fusion.scheduler)
-    sched.set_timesteps(num_inference_steps, sampler=sampler)
-    stochastic = sampler == "ddpm" or eta > 0
-    if stochastic and (var_noise is None or var_noise.shape[0] < len(sched.timesteps)):
-        raise ValueError("sampling with DDPM or eta > 0 needs var_noise (n_inf, K, N, E)")
-    cond = tokens.unsqueeze(0).expand(K, N, M, E).reshape(K * N, M, E)  # (K*N, M, E)
-    mask = available.bool().unsqueeze(0).expand(K, N, M).reshape(K * N, M)  # (K*N, M)
-    if w != 1.0:
-        cond = torch.cat([cond, cond], 0)  # (2*K*N, M, E)
-        mask = torch.cat([mask, torch.zeros_like(mask)], 0)
-    x = x_T.reshape(K * N, E).to(tokens.dtype)  # (K*N, E)
-    for i, t in enumerate(sched.timesteps.tolist()):
-        xin = torch.cat([x, x], 0) if w != 1.0 else x
-        tt = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
-        out = fusion.denoiser(xin, tt, cond, mask)  # (K*N or 2*K*N, E)
-        if w != 1.0:
-            out_c, out_u = out.chunk(2, 0)
-            out = out_u + w * (out_c - out_u)
-        vn = var_noise[i].reshape(K * N, E) if stochastic else None
-        x = sched.step(out, t, x, eta=eta, variance_noise=vn).prev_sample  # (K*N, E)
-    return x.reshape(K, N, E)
+    if (fusion.sampler == "ddpm" or fusion.eta > 0) and var_noise is None:
+        raise ValueError(
+            f"sampling with sampler={fusion.sampler!r}, eta={fusion.eta} needs var_noise "
+            "(n_inf, K, N, E); draw it with draw_episode_noise(n_var_steps=n_inf)"
+        )
+    return fusion.sample(tokens, available, noise=x_T, variance_noise=var_noise,
+                         num_inference_steps=num_inference_steps)  # (K, N, E)
 
 
 def held_out_index(available: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
