@@ -63,8 +63,12 @@ class Prediction:
         task: ``classification`` | ``survival`` | ``regression``.
         modalities_used: the available modalities the prediction conditioned on.
         probabilities: (C,) class probabilities, mean over samples (classification).
+        probability_samples: (K, C) the K samples' class probabilities (classification), for
+            percentile intervals; ``probabilities`` is their mean.
         predicted_class: argmax of ``probabilities``.
         risk: log-hazard (survival) or value (regression), mean over samples.
+        risk_samples: (K,) the K samples' risk / value (survival, regression); ``risk`` is
+            their mean.
         uncertainty: ``std``, ``entropy``, ``expected_entropy``, ``mutual_information``,
             ``num_samples`` (see module docstring).
         contributions: modality -> leave-one-out change (see module docstring).
@@ -77,8 +81,10 @@ class Prediction:
     task: str
     modalities_used: list[str]
     probabilities: Optional[list[float]] = None
+    probability_samples: Optional[list[list[float]]] = None
     predicted_class: Optional[int] = None
     risk: Optional[float] = None
+    risk_samples: Optional[list[float]] = None
     uncertainty: dict[str, float] = field(default_factory=dict)
     contributions: dict[str, float] = field(default_factory=dict)
     ttt: dict[str, Any] = field(default_factory=dict)
@@ -337,6 +343,7 @@ class Predictor:
                 h = float(_entropy(pm))
                 eh = float(_entropy(pk).mean())
                 p.probabilities = [float(x) for x in pm]
+                p.probability_samples = pk.tolist()  # (K, C)
                 p.predicted_class = c
                 p.uncertainty = {"std": float(pk[:, c].std(unbiased=False)), "entropy": h,
                                  "expected_entropy": eh, "mutual_information": max(0.0, h - eh),
@@ -346,6 +353,7 @@ class Predictor:
             else:
                 v = o[:, 0]  # (K,)
                 p.risk = float(v.mean())
+                p.risk_samples = v.tolist()  # (K,)
                 p.uncertainty = {"std": float(v.std(unbiased=False)), "num_samples": K}
                 for r in rows[1:]:
                     p.contributions[dropped[r]] = float(v.mean() - out[:, r, 0].mean())

@@ -68,6 +68,10 @@ def test_predict_from_tokens_uncertainty_contributions(ckpt):
     p = out[0]
     assert p.modalities_used == ["mri_t1", "mri_t2", "clinical"]
     assert sum(p.probabilities) == pytest.approx(1.0, abs=1e-5)
+    ps = torch.tensor(p.probability_samples)  # (K, C): the per-sample outputs behind the mean
+    assert ps.shape == (4, 2) and p.risk_samples is None
+    assert ps.mean(0).tolist() == pytest.approx(p.probabilities, abs=1e-6)
+    assert p.uncertainty["std"] == pytest.approx(float(ps[:, p.predicted_class].std(unbiased=False)), abs=1e-6)
     u = p.uncertainty
     assert u["num_samples"] == 4 and u["std"] >= 0
     assert u["mutual_information"] == pytest.approx(u["entropy"] - u["expected_entropy"], abs=1e-6)
@@ -112,3 +116,26 @@ def test_baseline_checkpoint_is_deterministic_and_refuses_ttt(tmp_path):
     assert p[0].uncertainty["num_samples"] == 1 and p[0].uncertainty["mutual_information"] == 0
     with pytest.raises(ValueError, match="TTT needs a diffusion checkpoint"):
         pr.predict(tokens=tok, available=av, ttt=True)
+
+
+def test_survival_prediction_carries_its_k_risk_samples():
+    from test_ttt import tiny_cfg  # noqa: E402
+
+    from ClinFuseDiffCore.data.tabular import TabularDims
+    from ClinFuseDiffCore.models import build_model
+
+    cfg = tiny_cfg()
+    cfg.data.task = "survival"
+    torch.manual_seed(0)
+    model = build_model(cfg, {"clinical": TabularDims(num=3, cat_cardinalities=[3])}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    pr = Predictor(model, cfg)
+    tok = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    av = torch.tensor([[True, True, False, True], [True] * 4])
+    p = pr.predict(tokens=tok, available=av, ttt=False, samples=5, contributions=False)[0]
+    assert p.probabilities is None and p.probability_samples is None
+    assert len(p.risk_samples) == 5 and len(set(p.risk_samples)) > 1  # diffusion samples differ
+    assert p.risk == pytest.approx(float(np.mean(p.risk_samples)), abs=1e-6)
+    assert p.uncertainty["std"] == pytest.approx(float(np.std(p.risk_samples)), abs=1e-6)

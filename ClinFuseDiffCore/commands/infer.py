@@ -252,9 +252,9 @@ def run(args: argparse.Namespace) -> int:
                **({"clinical_csv": str(clinical_csv)} if tabular else {})},
     )
     if pred.task == "classification":
-        record = build_prediction_record(probabilities=pred.probabilities, **common)
+        record = build_prediction_record(probability_samples=pred.probability_samples, **common)
     else:
-        record = build_prediction_record(value=pred.risk, **common)
+        record = build_prediction_record(value_samples=pred.risk_samples, **common)
     write_prediction_json(out_dir / "prediction.json", record)
     render_report(volumes, seg_vol, record, out_dir / "report.png")
 

@@ -78,6 +78,11 @@ def test_infer_demo_patient_writes_three_outputs(ckpt, tmp_path, capsys):
     probs = rec["prediction"]["probabilities"]
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert rec["prediction"]["samples"] == 3
+    # intervals are the 2.5/97.5 percentiles of the K = 3 per-sample probabilities (not a
+    # normal approximation): every class has one, inside [0, 1] and around its mean
+    assert rec["prediction"]["interval_method"] == "percentile"
+    for name, (lo, hi) in rec["prediction"]["probability_interval"].items():
+        assert 0.0 <= lo <= probs[name] + 1e-9 and probs[name] - 1e-9 <= hi <= 1.0
     assert set(rec["contributions"]) == {"mri_t1", "ct", "clinical"}
     assert rec["ttt"]["enabled"] is True and rec["ttt"]["steps"] == 3
     assert len(rec["model"]["checkpoint_sha256"]) == 64 and rec["model"]["config_hash"]
