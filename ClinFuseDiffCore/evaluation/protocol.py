@@ -290,8 +290,15 @@ def default_metric_fn(task: str) -> Callable[[MethodOutput, Targets, torch.Tenso
     """The metrics of ``task`` from ``evaluation.metrics``, for rows picked by a patient index."""
     from . import metrics as M
 
+    def need(what: str, value: Optional[torch.Tensor], where: str) -> None:
+        if value is None:
+            raise ValueError(f"{task} metrics need {where}.{what}, which is None; give "
+                             f"{'the method outputs' if where == 'MethodOutput' else 'Targets'} "
+                             f"{what} or pass a metric_fn for this task")
+
     def classification(out: MethodOutput, tg: Targets, p: torch.Tensor) -> dict[str, float]:
-        assert out.probs is not None and tg.target is not None
+        need("probs", out.probs, "MethodOutput")
+        need("target", tg.target, "Targets")
         probs, y = out.probs, tg.target[p]
         return {
             "auroc": float(M.auroc(probs, y)),
@@ -301,11 +308,14 @@ def default_metric_fn(task: str) -> Callable[[MethodOutput, Targets, torch.Tenso
         }
 
     def survival(out: MethodOutput, tg: Targets, p: torch.Tensor) -> dict[str, float]:
-        assert out.risk is not None and tg.time is not None and tg.event is not None
+        need("risk", out.risk, "MethodOutput")
+        need("time", tg.time, "Targets")
+        need("event", tg.event, "Targets")
         return {"c_index": float(M.concordance_index(out.risk, tg.time[p], tg.event[p]))}
 
     def regression(out: MethodOutput, tg: Targets, p: torch.Tensor) -> dict[str, float]:
-        assert out.value is not None and tg.target is not None
+        need("value", out.value, "MethodOutput")
+        need("target", tg.target, "Targets")
         err = out.value.float() - tg.target[p].float()
         return {"mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt())}
 

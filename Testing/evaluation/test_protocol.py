@@ -256,3 +256,16 @@ def test_multi_output_method_row_seeds_and_chunk_invariance():
     acc = lambda m: res["per_seed"]["0"][m]["a+b+c"]["metrics"]["accuracy"]  # noqa: E731
     # two classes: flipping the probabilities flips every prediction
     assert acc("x") + acc("x+y") == pytest.approx(1.0)
+
+
+def test_default_metrics_name_missing_targets_or_outputs():
+    p = torch.arange(3)
+    surv = P.default_metric_fn("survival")
+    with pytest.raises(ValueError, match=r"Targets\.event"):
+        surv(P.MethodOutput(risk=torch.zeros(3)), P.Targets("survival", time=torch.ones(3)), p)
+    cls = P.default_metric_fn("classification")
+    with pytest.raises(ValueError, match=r"MethodOutput\.probs"):
+        cls(P.MethodOutput(risk=torch.zeros(3)), P.Targets("classification", target=torch.zeros(3).long()), p)
+    out = cls(P.MethodOutput(probs=torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])),
+              P.Targets("classification", target=torch.tensor([0, 1, 1])), p)
+    assert out["auroc"] == pytest.approx(1.0) and out["balanced_accuracy"] == pytest.approx(1.0)
