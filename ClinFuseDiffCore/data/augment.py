@@ -14,7 +14,7 @@ what makes ``--resume`` and any number of DataLoader workers reproducible.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class ModalityDropout:
         self,
         modalities: Sequence[str],
         drop_prob: float = 0.3,
-        per_modality: Optional[Mapping[str, float]] = None,
+        per_modality: Mapping[str, float] | None = None,
         min_keep: int = 1,
         excluded_combinations: Sequence[Sequence[str]] = (),
     ):
@@ -98,7 +99,7 @@ class ModalityDropout:
         self._table: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
-    def from_config(cls, data_cfg, modalities: Sequence[str]) -> "ModalityDropout":
+    def from_config(cls, data_cfg, modalities: Sequence[str]) -> ModalityDropout:
         return cls(
             modalities,
             drop_prob=data_cfg.drop_prob,
@@ -223,7 +224,7 @@ class MultimodalDataset(Dataset):
         image_shape: Sequence[int],
         load_images: Callable[[str], Mapping[str, np.ndarray]],
         task: str = "classification",
-        dropout: Optional[ModalityDropout] = None,
+        dropout: ModalityDropout | None = None,
         augment: bool = False,
         seed: int = 0,
     ):
@@ -357,9 +358,9 @@ class FeatureDataset(Dataset):
         event: Sequence[float],
         patient_ids: Sequence[str],
         task: str = "classification",
-        dropout: Optional[ModalityDropout] = None,
+        dropout: ModalityDropout | None = None,
         seed: int = 0,
-        tabular: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
+        tabular: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ):
         n = tokens.shape[0]
         if not (present.shape[0] == len(target) == len(time) == len(event) == len(patient_ids) == n):
@@ -442,7 +443,7 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def make_split(
     patient_ids: Sequence[str],
-    labels: Optional[Sequence[Any]] = None,
+    labels: Sequence[Any] | None = None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -472,8 +473,8 @@ def make_split(
             "[0, 1) and sum to less than 1"
         )
     n = len(ids)
-    n_test = int(round(test_fraction * n))
-    n_val = int(round(val_fraction * n))
+    n_test = round(test_fraction * n)
+    n_val = round(val_fraction * n)
     if n - n_test - n_val < 1:
         raise ValueError(f"{n} patients are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
     y = None if labels is None else np.asarray(list(labels))
@@ -501,7 +502,7 @@ def make_split(
 def load_or_make_split(
     path: str | Path,
     patient_ids: Sequence[str],
-    labels: Optional[Sequence[Any]] = None,
+    labels: Sequence[Any] | None = None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -717,7 +718,7 @@ def prepare_cohort(cfg, out_dir: str | Path, dist_info: Any = None, show_progres
     datasets = {}
     for part in ("train", "val", "test"):
         samples = [sample(p) for p in split[part]]
-        ds_kwargs = dict(task=d.task, seed=cfg.experiment.seed)
+        ds_kwargs: dict[str, Any] = {"task": d.task, "seed": cfg.experiment.seed}
         if part == "train":
             probe = MultimodalDataset(samples, d.modalities, image_mods, shapes, cfg.preprocessing.target_shape,
                                       load_images, task=d.task)

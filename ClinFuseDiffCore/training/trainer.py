@@ -44,13 +44,14 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, save_config, seed_everything
@@ -77,7 +78,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-    model: Optional[nn.Module] = None  # the model after the last epoch (this process's copy)
+    model: nn.Module | None = None  # the model after the last epoch (this process's copy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,10 +296,10 @@ def train(
     cfg: Config,
     out_dir: str | Path,
     *,
-    resume: Optional[str | Path] = None,
-    encoder_checkpoint: Optional[str | Path] = None,
+    resume: str | Path | None = None,
+    encoder_checkpoint: str | Path | None = None,
     cohort: Any = None,
-    stop_after_epoch: Optional[int] = None,
+    stop_after_epoch: int | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
     """Train one model (``cfg.model.fusion``) and write its checkpoints under ``out_dir``.
@@ -556,7 +557,7 @@ def train(
 def train_fusions(
     cfg: Config,
     out_dir: str | Path,
-    fusions: Optional[list[str]] = None,
+    fusions: list[str] | None = None,
     *,
     show_progress: bool = True,
 ) -> dict[str, TrainResult]:

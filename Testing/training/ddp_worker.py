@@ -11,9 +11,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))
 
-from train_cohorts import tabular_config  # noqa: E402
+from train_cohorts import tabular_config
 
-from ClinFuseDiffCore.training.trainer import train  # noqa: E402
+from ClinFuseDiffCore.training.trainer import train
 
 root, out, dump = (Path(a) for a in sys.argv[1:4])
 torch.set_num_threads(1)

@@ -14,10 +14,10 @@ from ClinFuseDiffCore.training.checkpoint import (
 )
 
 
-
 def _side_effect(path):
     """Would run while unpickling if torch.load accepted arbitrary pickles."""
-    open(path, "w").write("pwned")
+    with open(path, "w") as f:
+        f.write("pwned")
     return path
 
 
