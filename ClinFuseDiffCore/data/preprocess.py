@@ -49,6 +49,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from ..config import PreprocessingConfig
+from ..utils import _json_default
 from .volume import LPS_TO_RAS, Volume, check_overlap
 
 log = logging.getLogger(__name__)
@@ -195,18 +196,6 @@ class PreprocessedPatient:
             seg=np.asarray(arrays["seg"], dtype=np.int16) if "seg" in arrays else None,
             info=meta["info"],
         )
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
