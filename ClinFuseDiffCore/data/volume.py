@@ -134,14 +134,17 @@ class Volume:
         import SimpleITK as sitk
 
         path = Path(path)
+        if path.is_dir():
+            ids = sitk.ImageSeriesReader().GetGDCMSeriesIDs(str(path))
+            if not ids:
+                raise ValueError(f"{path}: a folder with no DICOM series in it; give a folder of "
+                                 "DICOM files of one series, or an image file (NIfTI, NRRD, MHA)")
+            if len(ids) > 1:
+                raise ValueError(f"{path}: {len(ids)} DICOM series in one folder ({list(ids)[:3]}...); "
+                                 "move each series to its own folder and give one of them")
         try:
             if path.is_dir():
                 reader = sitk.ImageSeriesReader()
-                ids = reader.GetGDCMSeriesIDs(str(path))
-                if not ids:
-                    raise ValueError("no DICOM series in the folder")
-                if len(ids) > 1:
-                    raise ValueError(f"{len(ids)} DICOM series in one folder; give one series per folder")
                 reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
                 reader.SetOutputPixelType(sitk.sitkFloat32)  # rescale slope/intercept applied
                 image = reader.Execute()

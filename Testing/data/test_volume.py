@@ -308,3 +308,22 @@ def test_slicer_array_with_singleton_time_axis():
     kji = data.transpose(2, 1, 0)[None]  # (1, K, J, I)
     v = Volume.from_slicer_array(kji, CASES["permuted"])
     np.testing.assert_array_equal(v.array, data)
+
+
+def test_dicom_folder_with_two_series_is_refused_with_its_count(tmp_path):
+    data = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    folder = tmp_path / "dicom"
+    write_dicom_series(data, np.diag([1.0, 1.0, 2.0, 1.0]), folder)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for f in sorted(folder.glob("slice*.dcm")):  # a second series (other UID) in the same folder
+        sl = sitk.ReadImage(str(f))
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.777")
+        sl.SetMetaData("0008|0018", sl.GetMetaData("0008|0018") + ".7")
+        writer.SetFileName(str(folder / f"other_{f.name}"))
+        writer.Execute(sl)
+    with pytest.raises(ValueError, match=r"dicom: 2 DICOM series in one folder .* own folder"):
+        Volume.from_file(folder)
+    for f in folder.glob("other_*"):
+        f.unlink()
+    assert Volume.from_file(folder).shape == (4, 5, 3)  # one series again: it reads
