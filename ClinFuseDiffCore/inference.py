@@ -280,9 +280,13 @@ class Predictor:
         if available.shape != (B, M) or M != len(self.modalities):
             raise ValueError(f"tokens {tuple(tokens.shape)} / available {tuple(available.shape)} must be "
                              f"(B, {len(self.modalities)}, E) / (B, {len(self.modalities)}) for {self.modalities}")
-        if not bool(available.any(-1).all()):
-            raise ValueError("every patient needs at least one available modality")
         ids = list(patient_ids) if patient_ids is not None else [f"patient_{i}" for i in range(B)]
+        if len(ids) != B:
+            raise ValueError(f"{len(ids)} patient_ids for {B} token rows; give one ID per row")
+        if not bool(available.any(-1).all()):
+            empty = [ids[i] for i in (~available.any(-1)).nonzero().flatten().tolist()]
+            raise ValueError(f"patients {empty[:10]} have no available modality; every row of "
+                             "available (B, M) needs at least one True (drop those patients)")
         if ttt is None:
             ttt = self.is_diffusion and self.cfg.ttt.enabled
         if ttt and not self.is_diffusion:

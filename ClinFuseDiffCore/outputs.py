@@ -333,10 +333,12 @@ def build_prediction_record(
         if ps.ndim != 2 or ps.shape[1] < 2:
             raise ValueError(f"class probabilities must be (K, C>=2) or (C>=2,), got shape {ps.shape}")
         if not np.all(np.isfinite(ps)):
-            raise ValueError("class probabilities contain NaN/inf; the model output is broken")
+            raise ValueError(f"class probabilities contain NaN/inf ({int((~np.isfinite(ps)).sum())} of "
+                             f"{ps.size} values); the model output is broken, check the checkpoint")
         if np.any(np.abs(ps.sum(axis=1) - 1.0) > 1e-3) or ps.min() < -1e-6:
-            raise ValueError("class probabilities must be probabilities summing to 1 "
-                             "(pass softmax outputs, not logits)")
+            raise ValueError(f"class probabilities must be probabilities summing to 1 (row sums "
+                             f"{np.round(ps.sum(axis=1), 4).tolist()[:5]}, min {ps.min():.4g}); "
+                             "pass softmax outputs, not logits")
         names = list(class_names) if class_names else [f"class {c}" for c in range(ps.shape[1])]
         if len(names) != ps.shape[1]:
             raise ValueError(f"{len(names)} class names for {ps.shape[1]} classes")
@@ -375,7 +377,8 @@ def build_prediction_record(
         if value_samples is not None:
             vs = np.asarray(value_samples, dtype=np.float64).reshape(-1)  # (K,)
             if vs.size == 0 or not np.all(np.isfinite(vs)):
-                raise ValueError("value_samples are empty or contain NaN/inf")
+                raise ValueError(f"value_samples must be K >= 1 finite numbers, got {vs.size} with "
+                                 f"{int((~np.isfinite(vs)).sum())} NaN/inf; check the model output")
             lo, hi = np.percentile(vs, [2.5, 97.5])
             mean_v, method, k, sd = float(vs.mean()), "percentile", int(vs.size), float(vs.std())
         else:

@@ -116,6 +116,10 @@ def test_baseline_checkpoint_is_deterministic_and_refuses_ttt(tmp_path):
     assert p[0].uncertainty["num_samples"] == 1 and p[0].uncertainty["mutual_information"] == 0
     with pytest.raises(ValueError, match="TTT needs a diffusion checkpoint"):
         pr.predict(tokens=tok, available=av, ttt=True)
+    with pytest.raises(ValueError, match=r"patients \['b'\] have no available modality"):
+        pr.predict(tokens=tok, available=torch.tensor([[True] * 4, [False] * 4]), patient_ids=["a", "b"])
+    with pytest.raises(ValueError, match="1 patient_ids for 2 token rows"):
+        pr.predict(tokens=tok, available=av, patient_ids=["a"])
 
 
 def test_survival_prediction_carries_its_k_risk_samples():

@@ -478,7 +478,9 @@ def adapt_and_predict(
         raise ValueError(f"tokens {tuple(tokens.shape)}, available {tuple(available.shape)} and "
                          f"row_seeds {tuple(row_seeds.shape)} must be (N, M, E), (N, M), (N,)")
     if not bool(available.any(-1).all()):
-        raise ValueError("every episode needs at least one available modality")
+        empty = (~available.any(-1)).nonzero().flatten().tolist()
+        raise ValueError(f"episodes {empty[:10]} have no available modality; every row of "
+                         "available (N, M) needs at least one True (drop those rows)")
     task = model.task
     # Private eval-mode copies: the stored model is neither modified nor switched to eval mode.
     fusion = copy.deepcopy(model.fusion).eval().requires_grad_(False)

@@ -155,8 +155,10 @@ def test_prediction_record_survival_and_errors(tmp_path):
     rec = _record(task="survival", probability_samples=None, value_samples=[0.1, 0.3, 0.2])
     assert rec["prediction"]["risk"] == pytest.approx(0.2)
     assert rec["uncertainty"]["entropy"] is None
-    with pytest.raises(ValueError, match="summing to 1"):
-        _record(probability_samples=np.array([[2.0, -1.0]]))
+    with pytest.raises(ValueError, match=r"summing to 1 \(row sums \[1.0, 3.0\], min -1"):
+        _record(probability_samples=np.array([[0.4, 0.6], [4.0, -1.0]]))
+    with pytest.raises(ValueError, match="got 3 with 1 NaN/inf"):
+        _record(task="survival", probability_samples=None, value_samples=[0.1, np.inf, 0.2])
     with pytest.raises(ValueError, match="not modalities of the model"):
         _record(used_modalities=["pet"])
     with pytest.raises(ValueError, match="does not have"):

@@ -6,7 +6,7 @@ import torch
 from ClinFuseDiffCore.config import load_config
 from ClinFuseDiffCore.data.tabular import TabularDims
 from ClinFuseDiffCore.models import build_model
-from ClinFuseDiffCore.ttt.ttt import ADAPTABLE, adapt_and_predict, held_out_index
+from ClinFuseDiffCore.ttt.ttt import ADAPTABLE, adapt_and_predict, held_out_index, sample_fused
 
 MODS = ["mri_t1", "mri_t2", "ct", "clinical"]
 
@@ -142,3 +142,23 @@ def test_no_adapt_and_bad_settings():
     cfg_m, mean_model = tiny_model("mean")
     with pytest.raises(ValueError, match="fusion=diffusion"):
         adapt_and_predict(mean_model, tok, av, torch.arange(5), cfg_m.ttt)
+    cfg.ttt.adapt_encoder_norms = False
+    empty = av.clone()
+    empty[3] = False
+    with pytest.raises(ValueError, match=r"episodes \[3\] have no available modality"):
+        adapt_and_predict(model, tok, empty, torch.arange(5), cfg.ttt)
+
+
+def test_sample_fused_needs_variance_noise_for_stochastic_sampling():
+    cfg, model = tiny_model()
+    tok, av, _ = episodes(2)
+    model.fusion.sampler = "ddpm"
+    with pytest.raises(ValueError, match="needs var_noise"):
+        sample_fused(model.fusion, tok, av, torch.randn(2, 2, 16))
+    x_T, var = torch.randn(2, 2, 16), torch.randn(50, 2, 2, 16)
+    with torch.no_grad():
+        a = sample_fused(model.fusion, tok, av, x_T, var_noise=var)
+        b = sample_fused(model.fusion, tok, av, x_T, var_noise=var)
+        c = sample_fused(model.fusion, tok, av, x_T, var_noise=torch.randn(50, 2, 2, 16))
+    assert a.shape == (2, 2, 16) and torch.equal(a, b)  # the given noise is all the randomness
+    assert not torch.allclose(a, c)  # and the per-step noise is used
