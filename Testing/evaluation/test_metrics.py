@@ -105,6 +105,19 @@ def test_cindex_matches_torchsurv_when_importable():
     assert ours == pytest.approx(theirs, abs=1e-6)
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_ece_matches_torchmetrics_when_importable(n_classes):
+    try:
+        from torchmetrics.functional.classification import multiclass_calibration_error
+    except Exception as exc:  # torchmetrics -> torchvision can fail to import
+        pytest.skip(f"torchmetrics does not import here: {exc}")
+    rng = np.random.default_rng(n_classes)
+    probs = rng.dirichlet(np.ones(n_classes), 200)
+    y = rng.integers(0, n_classes, 200)
+    theirs = float(multiclass_calibration_error(torch.tensor(probs), torch.tensor(y), n_classes, n_bins=15))
+    assert M.expected_calibration_error(probs, y, n_bins=15) == pytest.approx(theirs, abs=1e-6)
+
+
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="target classes"):
         M.accuracy(np.array([[0.5, 0.5]]), np.array([2]))
