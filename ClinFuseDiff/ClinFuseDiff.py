@@ -206,6 +206,38 @@ def tinyTrainArguments(folder) -> list:
             "training.batch_size=4", "diffusion.num_inference_steps=4"]
 
 
+def predictionTableRows(record: dict) -> list:
+    """``prediction.json`` record -> rows (section, name, value, 95 % lower, 95 % upper).
+
+    A quantity without an interval (e.g. a non-predicted class of a record with
+    ``interval_method: normal``) gets NaN bounds.
+    """
+    nan = float("nan")
+
+    def bounds(interval) -> tuple:
+        return tuple(interval) if interval is not None else (nan, nan)
+
+    rows = []
+    pred = record.get("prediction", {})
+    task = record.get("task")
+    if task == "classification":
+        top = pred["predicted_class"]
+        intervals = pred.get("probability_interval") or {}
+        rows.append(("prediction", top, pred["probabilities"][top], *bounds(intervals.get(top))))
+        for name in pred["class_names"]:
+            rows.append(("probability", name, pred["probabilities"][name], *bounds(intervals.get(name))))
+    else:
+        key = "risk" if task == "survival" else "value"
+        rows.append(("prediction", key, pred[key], *bounds(pred.get(f"{key}_interval"))))
+    for name, value in (record.get("uncertainty") or {}).items():
+        rows.append(("uncertainty", name, nan if value is None else value, nan, nan))
+    for name, value in (record.get("contributions") or {}).items():
+        rows.append(("contribution", name, value, nan, nan))
+    for name in (record.get("modalities") or {}).get("missing", []):
+        rows.append(("missing", name, nan, nan, nan))
+    return rows
+
+
 def parseProgressLine(line: str) -> Optional[tuple]:
     """``"PROGRESS 40 preprocess"`` (printed by ``clinfusediff infer``) -> ``(40, "preprocess")``."""
     m = re.match(r"^PROGRESS\s+(\d{1,3})\s*(.*)$", line.strip())
@@ -837,25 +869,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         with its 95 % interval over the K samples), ``uncertainty`` (std, entropy, mutual
         information), ``contribution`` (each modality used), ``missing`` (modalities absent).
         """
-        rows = []
-        pred = record.get("prediction", {})
-        task = record.get("task")
-        nan = float("nan")
-        if task == "classification":
-            top = pred["predicted_class"]
-            rows.append(("prediction", top, pred["probabilities"][top], *pred["probability_interval"][top]))
-            for name in pred["class_names"]:
-                rows.append(("probability", name, pred["probabilities"][name], *pred["probability_interval"][name]))
-        else:
-            key = "risk" if task == "survival" else "value"
-            rows.append(("prediction", key, pred[key], *pred[f"{key}_interval"]))
-        for name, value in (record.get("uncertainty") or {}).items():
-            rows.append(("uncertainty", name, nan if value is None else value, nan, nan))
-        for name, value in (record.get("contributions") or {}).items():
-            rows.append(("contribution", name, value, nan, nan))
-        for name in (record.get("modalities") or {}).get("missing", []):
-            rows.append(("missing", name, nan, nan, nan))
-
+        rows = predictionTableRows(record)
         table = tableNode.GetTable()
         tableNode.RemoveAllColumns()
         columns = [vtk.vtkStringArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]

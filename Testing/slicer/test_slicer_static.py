@@ -456,3 +456,34 @@ def test_cmake_configure_stages_the_installed_layout(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(qsm)], capture_output=True, text=True, timeout=120,
                        cwd=str(tmp_path))
     assert r.returncode == 0 and r.stdout.strip() == "demo", r.stderr[-2000:]
+
+
+def test_prediction_table_rows_from_real_records():
+    """Rows of the module's results table, from records the core writes (percentile and normal)."""
+    import math
+
+    from ClinFuseDiffCore.outputs import build_prediction_record
+
+    rows_of = _load_functions("predictionTableRows")["predictionTableRows"]
+    common = dict(patient_id="P1", model_modalities=["mri_t1", "ct", "clinical"],
+                  used_modalities=["mri_t1", "clinical"], contributions={"mri_t1": 0.2})
+    rec = build_prediction_record(task="classification", class_names=["a", "b", "c"],
+                                  probability_samples=[[0.2, 0.5, 0.3], [0.1, 0.7, 0.2]], **common)
+    rows = rows_of(rec)
+    assert rows[0][:3] == ("prediction", "b", pytest.approx(0.6))
+    lo, hi = rows[0][3:]
+    assert 0.5 <= lo < 0.6 < hi <= 0.7  # percentile interval of the predicted class
+    assert [r[1] for r in rows if r[0] == "probability"] == ["a", "b", "c"]
+    assert ("contribution", "mri_t1", 0.2, pytest.approx(math.nan, nan_ok=True),
+            pytest.approx(math.nan, nan_ok=True)) in rows
+    assert [r[1] for r in rows if r[0] == "missing"] == ["ct"]
+    # normal approximation, 3 classes: only the predicted class has an interval -> NaN bounds
+    rec = build_prediction_record(task="classification", class_names=["a", "b", "c"],
+                                  probabilities=[0.2, 0.5, 0.3], uncertainty={"std": 0.05},
+                                  num_samples=4, **common)
+    probs = {r[1]: r for r in rows_of(rec) if r[0] == "probability"}
+    assert probs["b"][3:] == (pytest.approx(0.402), pytest.approx(0.598))
+    assert math.isnan(probs["a"][3]) and math.isnan(probs["c"][4])
+    rec = build_prediction_record(task="survival", value_samples=[0.1, 0.3, 0.2], **common)
+    key, value, lo, hi = rows_of(rec)[0][1:]
+    assert key == "risk" and value == pytest.approx(0.2) and lo < 0.2 < hi
