@@ -221,7 +221,8 @@ def test_report_regression_without_segmentation(tmp_path):
 
 
 def test_prediction_record_from_mean_and_std():
-    """What the Predictor gives (mean probabilities + std over K): normal-approximation intervals."""
+    """Callers with only mean probabilities + std over K (not ``infer``, which passes the K
+    samples): normal-approximation intervals."""
     rec = _record(probability_samples=None, probabilities=[0.3, 0.7], num_samples=8,
                   uncertainty={"std": 0.1, "entropy": 0.61, "expected_entropy": 0.6,
                                "mutual_information": 0.01})
