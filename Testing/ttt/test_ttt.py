@@ -162,3 +162,23 @@ def test_sample_fused_needs_variance_noise_for_stochastic_sampling():
         c = sample_fused(model.fusion, tok, av, x_T, var_noise=torch.randn(50, 2, 2, 16))
     assert a.shape == (2, 2, 16) and torch.equal(a, b)  # the given noise is all the randomness
     assert not torch.allclose(a, c)  # and the per-step noise is used
+
+
+def test_elementwise_adam_matches_torch_optim_adam():
+    """TTT's written-out Adam takes the same steps as torch.optim.Adam (default betas)."""
+    from ClinFuseDiffCore.ttt.ttt import _Adam
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(4)]
+    ours = [p.clone() for p in start]
+    theirs = [p.clone().requires_grad_(True) for p in start]
+    adam, ref = _Adam(ours, lr=0.05), torch.optim.Adam(theirs, lr=0.05)
+    for gs in grads:
+        adam.step(gs)
+        for p, gr in zip(theirs, gs):
+            p.grad = gr.clone()
+        ref.step()
+    for a, b, s in zip(ours, theirs, start):
+        assert not torch.allclose(a, s)  # the parameters moved
+        assert torch.allclose(a, b.detach(), atol=1e-6)
