@@ -852,6 +852,10 @@ def evaluate_checkpoints(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if part not in ("test", "val"):
         raise ValueError(f"part {part!r} not in ['test', 'val']")
+    if chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if samples is not None and samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = resolve_checkpoints(checkpoints)

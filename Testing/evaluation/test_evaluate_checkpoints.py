@@ -70,3 +70,14 @@ def test_all_subsets_with_real_models_and_metrics(run_dir):
     assert sorted(unc["diffusion"]) == ["1", "2", "3", "4"]
     assert all(v["mean"] > 0 for v in unc["diffusion"].values())
     assert unc["mean"] == {}
+
+
+@pytest.mark.parametrize("kw, match", [({"seeds": 0}, "--seeds must be >= 1, got 0"),
+                                       ({"chunk_size": 0}, "--chunk-size must be >= 1, got 0"),
+                                       ({"samples": 0}, "--samples must be >= 1, got 0"),
+                                       ({"part": "train"}, "part 'train' not in")])
+def test_evaluate_checkpoints_rejects_bad_settings_before_writing(run_dir, tmp_path, kw, match):
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=match):
+        P.evaluate_checkpoints([str(run_dir)], out, **kw)
+    assert not out.exists()  # nothing written
