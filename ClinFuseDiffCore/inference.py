@@ -292,7 +292,9 @@ class Predictor:
         if ttt and not self.is_diffusion:
             raise ValueError(f"TTT needs a diffusion checkpoint; this one has fusion="
                              f"{self.model.fusion_type!r}. Use ttt=False (--no-ttt)")
-        K = int(samples or (self.cfg.diffusion.num_samples if self.is_diffusion else 1))
+        if samples is None:
+            samples = self.cfg.diffusion.num_samples if self.is_diffusion else 1
+        K = int(samples)
         if K < 1:
             raise ValueError(f"samples must be >= 1, got {K}")
 
@@ -351,14 +353,14 @@ class Predictor:
                 p.predicted_class = c
                 p.uncertainty = {"std": float(pk[:, c].std(unbiased=False)), "entropy": h,
                                  "expected_entropy": eh, "mutual_information": max(0.0, h - eh),
-                                 "num_samples": K}
+                                 "num_samples": int(o.shape[0])}
                 for r in rows[1:]:
                     p.contributions[dropped[r]] = float(pm[c] - out[:, r].softmax(-1).mean(0)[c])
             else:
                 v = o[:, 0]  # (K,)
                 p.risk = float(v.mean())
                 p.risk_samples = v.tolist()  # (K,)
-                p.uncertainty = {"std": float(v.std(unbiased=False)), "num_samples": K}
+                p.uncertainty = {"std": float(v.std(unbiased=False)), "num_samples": int(o.shape[0])}
                 for r in rows[1:]:
                     p.contributions[dropped[r]] = float(v.mean() - out[:, r, 0].mean())
             if res is not None and ttt:

@@ -114,10 +114,16 @@ def test_baseline_checkpoint_is_deterministic_and_refuses_ttt(tmp_path):
     av = torch.ones(2, 4, dtype=torch.bool)
     p = pr.predict(tokens=tok, available=av)
     assert p[0].uncertainty["num_samples"] == 1 and p[0].uncertainty["mutual_information"] == 0
+    # asking a deterministic model for K samples still gives (and reports) one prediction
+    q = pr.predict(tokens=tok, available=av, samples=4)[0]
+    assert q.uncertainty["num_samples"] == 1 and len(q.probability_samples) == 1
+    assert q.probabilities == pytest.approx(p[0].probabilities)
     with pytest.raises(ValueError, match="TTT needs a diffusion checkpoint"):
         pr.predict(tokens=tok, available=av, ttt=True)
     with pytest.raises(ValueError, match=r"patients \['b'\] have no available modality"):
         pr.predict(tokens=tok, available=torch.tensor([[True] * 4, [False] * 4]), patient_ids=["a", "b"])
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):  # not "0 = default"
+        pr.predict(tokens=tok, available=av, samples=0)
     with pytest.raises(ValueError, match="1 patient_ids for 2 token rows"):
         pr.predict(tokens=tok, available=av, patient_ids=["a"])
 
