@@ -79,7 +79,9 @@ def test_predict_from_tokens_uncertainty_contributions(ckpt):
     assert out[1].contributions == {}  # one modality: nothing to leave out
     assert p.ttt["used"] and p.ttt["steps"] == 3 and isinstance(p.ttt["accepted"], bool)
     assert set(p.timings) >= {"encode", "ttt", "sampling", "total"}
-    json.dumps(p.to_dict())  # plain data
+    d = p.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain JSON data, round trip unchanged
+    assert d["probability_samples"] == p.probability_samples and d["risk"] is None
     # same seed -> same answer; contributions are the full-set minus leave-one-out probability
     again = pr.predict(tokens=tok[:1], available=av[:1], ttt=False, samples=4, contributions=True)[0]
     c = again.predicted_class
