@@ -135,6 +135,7 @@ def test_atomic_write_text_is_utf8_whatever_the_locale(tmp_path):
     # Reports contain arrows and the like; an ASCII locale (CI, cron) must not break them.
     code = ("from ClinFuseDiffCore.utils import atomic_write_text; "
             f"atomic_write_text({str(tmp_path / 'u.md')!r}, 'AUROC \\u2191')")
-    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert (tmp_path / "u.md").read_text(encoding="utf-8") == "AUROC \u2191"
