@@ -517,6 +517,14 @@ def bench_sampling(ctx: BenchContext, *, sweep: Sequence[int] = ()) -> dict[str,
         res["ddim"][S] = {"seconds": t, "ratio": t_ddpm / t, "auroc": a,
                           "delta_auroc_mean": a["mean_over_subsets"] - a_ddpm["mean_over_subsets"],
                           "delta_auroc_full": a["full_set"] - a_ddpm["full_set"]}
+    # Noise floor: the same DDIM sampler with other x_T seeds (what AUROC moves by from the
+    # sampling noise alone on this test set).
+    seeds_auroc = [res["ddim"][S0]["auroc"]["mean_over_subsets"]]
+    for seed in (1, 2):
+        p = _sampled_probs(ctx, rows_tok, cond, sampler="ddim", steps=S0, K=K, seed=seed)
+        seeds_auroc.append(_aurocs(p, target, s_idx, p_idx, full_rows)["mean_over_subsets"])
+    res["ddim_seed_auroc"] = seeds_auroc
+    res["ddim_seed_range"] = max(seeds_auroc) - min(seeds_auroc)
     main = res["ddim"][S0]
     return {"ratio": main["ratio"], "delta_auroc": abs(main["delta_auroc_mean"]), "steps": S0, "details": res}
 
@@ -846,7 +854,8 @@ def run_benchmark(
         notes.setdefault("ddim_vs_ddpm", f"DDIM {ctx.cfg.diffusion.num_inference_steps} vs DDPM {d['T']} steps, "
                          f"{d['rows']} (patient, condition) rows, K={d['K']}")
         notes.setdefault("ddim_vs_ddpm_auroc", f"{d['patients']} test patients; full set "
-                         f"{d['ddim'][ctx.cfg.diffusion.num_inference_steps]['delta_auroc_full']:+.4f}")
+                         f"{d['ddim'][ctx.cfg.diffusion.num_inference_steps]['delta_auroc_full']:+.4f}; "
+                         f"DDIM seed-to-seed range {d['ddim_seed_range']:.4f}")
     if details.get("predict"):
         d = details["predict"]
         notes.setdefault("ttt_overhead", f"{d['ttt_steps']} TTT steps ({d['ttt_params']}), K={d['K']}, "

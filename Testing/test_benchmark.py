@@ -66,6 +66,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     s = res["details"]["sampling"]
     assert s["ddpm"]["steps"] == s["T"] == 50
     assert "2" in {str(k) for k in s["ddim"]}
+    assert len(s["ddim_seed_auroc"]) == 3 and s["ddim_seed_range"] >= 0
     assert res["details"]["batched_ttt"]["episodes"] == 32
     assert res["load_average_start"] is None or len(res["load_average_start"]) == 3
     # The printed table is the file's table, one line per row.
