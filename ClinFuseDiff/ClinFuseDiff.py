@@ -545,7 +545,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         except ImportError:
             Requirement = None
         missing = []
-        for line in pathlib.Path(requirementsPath).read_text().splitlines():
+        for line in pathlib.Path(requirementsPath).read_text(encoding="utf-8").splitlines():
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
@@ -665,7 +665,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
                 values = parseClinicalValues(parameterNode.clinicalValues)
                 pid = parameterNode.clinicalPatientId.strip() or "patient"
                 csvPath = inputDir / "clinical.csv"
-                csvPath.write_text(",".join(["patient_id", *values]) + "\n" + ",".join([pid, *values.values()]) + "\n")
+                csvPath.write_text(",".join(["patient_id", *values]) + "\n" + ",".join([pid, *values.values()]) + "\n", encoding="utf-8")
                 cmd += ["--clinical", str(csvPath), "--id", pid, "--id-column", "patient_id"]
         if not parameterNode.useTTT:
             cmd += ["--no-ttt"]
@@ -833,7 +833,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         predictionFile = outputDir / "prediction.json"
         if not predictionFile.exists():
             raise RuntimeError(_("{path} was not written.").format(path=predictionFile))
-        record = json.loads(predictionFile.read_text())
+        record = json.loads(predictionFile.read_text(encoding="utf-8"))
 
         if segFiles:
             segNode = parameterNode.outputSegmentation

@@ -365,7 +365,7 @@ def load_config(
     raw: dict[str, Any] = {}
     if path is not None:
         p = resolve_config_path(path)
-        with open(p) as f:
+        with open(p, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")

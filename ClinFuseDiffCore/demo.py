@@ -134,7 +134,7 @@ def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: st
     rc = infer.run(build_parser().parse_args(argv))
     if rc != 0:
         raise RuntimeError(f"clinfusediff {' '.join(argv)} failed with exit code {rc}")
-    record = json.loads((out_dir / "prediction.json").read_text())
+    record = json.loads((out_dir / "prediction.json").read_text(encoding="utf-8"))
     paths = {"prediction": out_dir / "prediction.json", "report": out_dir / "report.png"}
     if record.get("segmentation"):
         paths["segmentation"] = out_dir / record["segmentation"]["file"]

@@ -438,7 +438,7 @@ def read_prediction_json(path: Union[str, Path]) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such prediction file")
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("schema") != SCHEMA:
         raise ValueError(f"{path}: schema {record.get('schema')!r} is not {SCHEMA!r}")
     return record

@@ -50,7 +50,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((out / "benchmark.json").read_text())
+    res = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     rows = {r["id"]: r for r in res["rows"]}
     assert list(rows) == list(TARGETS)
     for rid, r in rows.items():
@@ -70,7 +70,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert res["details"]["batched_ttt"]["episodes"] == 32
     assert res["load_average_start"] is None or len(res["load_average_start"]) == 3
     # The printed table is the file's table, one line per row.
-    table = (out / "benchmark.txt").read_text()
+    table = (out / "benchmark.txt").read_text(encoding="utf-8")
     assert table.strip() == format_table(res).strip()
     assert sum(line.startswith("| ") and line[2].isdigit() for line in table.splitlines()) == len(TARGETS)
     assert "not measured: no GPU" in proc.stdout

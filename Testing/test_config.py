@@ -104,7 +104,7 @@ def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path):
     from ClinFuseDiffCore.utils import atomic_path, atomic_write_text
 
     out = atomic_write_text(tmp_path / "a.txt", "hello")
-    assert out.read_text() == "hello"
+    assert out.read_text(encoding="utf-8") == "hello"
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == (0o666 & ~umask)

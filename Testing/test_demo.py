@@ -20,7 +20,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (out / "train" / name / "best.pt").is_file(), name
 
     # Evaluation: every non-empty subset of the 4 quick modalities, every method, both seeds.
-    res = json.loads((out / "eval" / "results.json").read_text())
+    res = json.loads((out / "eval" / "results.json").read_text(encoding="utf-8"))
     assert len(res["subsets"]) == 2**4 - 1
     assert set(res["methods"]) == {"mean", "attention", "diffusion", "diffusion+ttt"}
     assert res["seeds"] == [0, 1]
@@ -29,10 +29,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert 0.0 <= full <= 1.0
 
     # Inference: one test patient, one modality removed, the three files.
-    split = json.loads((out / "train" / "split.json").read_text())
-    pred = json.loads((out / "inference" / "prediction.json").read_text())
+    split = json.loads((out / "train" / "split.json").read_text(encoding="utf-8"))
+    pred = json.loads((out / "inference" / "prediction.json").read_text(encoding="utf-8"))
     assert pred["patient_id"] in split["test"]
-    summary = json.loads((out / "demo_summary.json").read_text())
+    summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
     dropped = summary["inference"]["dropped"]
     assert dropped in pred["modalities"]["missing"] and dropped not in pred["modalities"]["used"]
     probs = list(pred["prediction"]["probabilities"].values())

@@ -72,10 +72,10 @@ def experiment_config(base_dir: Path, exp_yaml: Path | None) -> tuple[Config, di
     Returns:
         (config, the experiment's own non-config section ``experiment_options`` or {}).
     """
-    raw = yaml.safe_load((base_dir / "config.yaml").read_text())
+    raw = yaml.safe_load((base_dir / "config.yaml").read_text(encoding="utf-8"))
     opts: dict[str, Any] = {}
     if exp_yaml is not None:
-        extra = yaml.safe_load(Path(exp_yaml).read_text()) or {}
+        extra = yaml.safe_load(Path(exp_yaml).read_text(encoding="utf-8")) or {}
         opts = extra.pop("experiment_options", {}) or {}
         raw = _merge(raw, extra)
     train = base_dir / "train"
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     exp_yaml = Path(a.config) if a.config else HERE / f"{a.experiment}.yaml"
     t0 = time.perf_counter()
     if a.experiment == "main":
-        results = json.loads((base / "eval" / "results.json").read_text())
+        results = json.loads((base / "eval" / "results.json").read_text(encoding="utf-8"))
         text = tables(results, "(a) Attention vs diffusion vs diffusion+TTT over all subsets") + "\n" + \
             uncertainty_tables(results)
     elif a.experiment == "unseen":

@@ -520,7 +520,7 @@ def load_or_make_split(
     path = Path(path)
     if path.exists():
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             split = {k: [str(x) for x in data[k]] for k in ("train", "val", "test")}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(

@@ -162,7 +162,7 @@ def test_split_stratified_written_and_reused(tmp_path):
     assert len(split["test"]) == 8 and len(split["val"]) == 8
     lab = dict(zip(ids, labels))
     assert sum(lab[i] for i in split["test"]) == 4  # stratified
-    on_disk = json.loads(path.read_text())
+    on_disk = json.loads(path.read_text(encoding="utf-8"))
     assert on_disk["train"] == split["train"]
     # reused even if asked with another seed
     again = load_or_make_split(path, ids, labels, 0.2, 0.2, seed=99)

@@ -352,7 +352,7 @@ def test_preprocess_command_builds_reuses_and_reports_skips(tmp_path, capsys):
     assert "P4" in text and "empty patient folder" in text
     import json
 
-    index = json.loads((out / "index.json").read_text())
+    index = json.loads((out / "index.json").read_text(encoding="utf-8"))
     assert sorted(index["keys"]) == ["P1", "P2"] and index["failed"][0]["patient_id"] == "P3"
     from ClinFuseDiffCore.data.cache import PreprocessCache
 

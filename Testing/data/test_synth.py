@@ -69,7 +69,7 @@ def test_generic_layout_files_and_tables(generic):
     assert [r["patient_id"] for r in man] == [p.name for p in pats]
     for col in ["site", "spacing", "orientation", "missing", *FEATURE_MODALITIES]:
         assert col in man[0], col
-    marker = json.loads((generic / "cohort.json").read_text())
+    marker = json.loads((generic / "cohort.json").read_text(encoding="utf-8"))
     assert marker["complete"] and marker["feature_modalities"]["z_pet"] == ["pet"]
 
 
@@ -258,7 +258,7 @@ def test_deterministic_for_a_seed_and_seeds_differ(tmp_path):
     t1a = _load(a / "patient_001" / "mri_t1.nii.gz")
     t1c = _load(c / "patient_001" / "mri_t1.nii.gz")
     assert t1a.shape != t1c.shape or not np.array_equal(t1a, t1c)
-    assert (a / "manifest.csv").read_text() != (c / "manifest.csv").read_text()
+    assert (a / "manifest.csv").read_text(encoding="utf-8") != (c / "manifest.csv").read_text(encoding="utf-8")
 
 
 def test_refuses_foreign_folder_and_resumes_own(tmp_path):
@@ -267,7 +267,7 @@ def test_refuses_foreign_folder_and_resumes_own(tmp_path):
     (user / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="refusing"):
         generate_cohort(user, 1, shape=(32, 32, 24), progress=False)
-    assert (user / "notes.txt").read_text() == "keep me" and len(list(user.iterdir())) == 1
+    assert (user / "notes.txt").read_text(encoding="utf-8") == "keep me" and len(list(user.iterdir())) == 1
 
     out = tmp_path / "cohort"
     s1 = generate_cohort(out, 2, shape=(32, 32, 24), seed=4, progress=False)

@@ -72,7 +72,7 @@ def build_standin_model(home: Path, dataset_id: int, dataset_name: str, trainer:
     shutil.copy(work / "preprocessed" / raw.name / "nnUNetPlans.json", out / "plans.json")
     shutil.copy(raw / "dataset.json", out / "dataset.json")
     plans = PlansManager(str(out / "plans.json"))
-    dataset_json = json.loads((out / "dataset.json").read_text())
+    dataset_json = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     torch.manual_seed(seed)
     net = nnUNetTrainer.build_network_architecture(
         plans, plans.get_configuration("3d_fullres"), 1,
@@ -135,7 +135,7 @@ def test_licence_missing(ts_home):
     # happens before any weights are looked for)
     with pytest.raises(PermissionError, match="licence"):
         run_totalsegmentator(oblique_lps_volume().to_nifti(), "brain_structures", fast=False)
-    cfg = json.loads((ts_home / "config.json").read_text())
+    cfg = json.loads((ts_home / "config.json").read_text(encoding="utf-8"))
     assert cfg["send_usage_stats"] is False
 
 
@@ -164,7 +164,7 @@ def test_total_mr_end_to_end_on_standin_model(ts_home):
     assert mask.shape == vol.shape and np.array_equal(mask.affine, vol.affine)
     assert mask.meta["mask_backend"] == "totalsegmentator"
     assert np.all(mask.array == BRAIN)  # the stand-in's output covers exactly the input grid
-    cfg = json.loads((ts_home / "config.json").read_text())
+    cfg = json.loads((ts_home / "config.json").read_text(encoding="utf-8"))
     assert cfg["send_usage_stats"] is False
 
 

@@ -207,14 +207,14 @@ def test_write_report_files(tmp_path):
                                  metric_fn=_accuracy_metric, reference_method="toy")
     res["primary_metric"] = "accuracy"
     paths = write_report(res, tmp_path / "out")
-    loaded = json.loads(paths["json"].read_text())  # standard JSON (NaN written as null)
+    loaded = json.loads(paths["json"].read_text(encoding="utf-8"))  # standard JSON (NaN written as null)
     assert loaded["subsets"] == ["a", "b", "a+b"] and loaded["seeds"] == [0, 1, 2]
     assert "toy - other" in loaded["comparisons"]
     rows = list(csv.DictReader(paths["csv"].open()))
     # 2 methods x 3 subsets x (accuracy, mean_uncertainty, mean_entropy)
     assert len(rows) == 18 and {r["metric"] for r in rows} == {"accuracy", "mean_uncertainty",
                                                                 "mean_entropy"}
-    md = paths["markdown"].read_text()
+    md = paths["markdown"].read_text(encoding="utf-8")
     assert "| a+b | 2 | yes | 4 |" in md and "## accuracy ↑" in md
     for k in ("heatmap", "reliability", "uncertainty"):
         assert paths[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -71,7 +71,7 @@ def test_infer_demo_patient_writes_three_outputs(ckpt, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "PROGRESS 100 done" in printed and printed.index("PROGRESS 2 ") < printed.index("PROGRESS 100")
-    rec = json.loads((out / "prediction.json").read_text())
+    rec = json.loads((out / "prediction.json").read_text(encoding="utf-8"))
     assert rec["schema"] == "clinfusediff.prediction/1" and rec["patient_id"] == "P1"
     assert rec["modalities"]["used"] == ["mri_t1", "ct", "clinical"]  # clinical row from the cohort CSV
     assert rec["modalities"]["missing"] == ["mri_t2"]
@@ -130,7 +130,7 @@ def test_infer_like_the_slicer_module(ckpt, tmp_path, capsys):
                "--clinical", str(inp / "clinical.csv"), "--id", "patient", "--id-column", "patient_id",
                "--no-ttt", "--samples", "2", "--device", "cpu", "--out", str(out)])
     assert rc == 0, capsys.readouterr()
-    rec = json.loads((out / "prediction.json").read_text())
+    rec = json.loads((out / "prediction.json").read_text(encoding="utf-8"))
     assert rec["ttt"]["enabled"] is False
     assert rec["modalities"]["used"] == ["mri_t1", "mri_t2", "clinical"]
     seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"))
@@ -183,7 +183,7 @@ def test_infer_bad_inputs_clear_error_nonzero_exit(ckpt, tmp_path, capsys, case,
 
 def test_slicer_logic_flags_are_infer_options():
     """Every --flag the Slicer Logic passes to the command is an option of `clinfusediff infer`."""
-    src = (REPO / "ClinFuseDiff" / "ClinFuseDiff.py").read_text()
+    src = (REPO / "ClinFuseDiff" / "ClinFuseDiff.py").read_text(encoding="utf-8")
     tree = ast.parse(src)
     build = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "buildCommand")
     flags = {n.value for n in ast.walk(build) if isinstance(n, ast.Constant) and isinstance(n.value, str)

@@ -33,7 +33,7 @@ CORE_DIR = REPO / "ClinFuseDiffCore"
 
 # ----------------------------------------------------------------------------- helpers
 def _tree() -> ast.Module:
-    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"), filename=str(MODULE_PY))
 
 
 def _ui_widgets() -> dict[str, tuple[str, str | None]]:
@@ -53,7 +53,7 @@ def _ui_widgets() -> dict[str, tuple[str, str | None]]:
 def _parameter_fields() -> dict[str, str]:
     """Field name -> annotation source of the @parameterNodeWrapper class."""
     tree = _tree()
-    src = MODULE_PY.read_text()
+    src = MODULE_PY.read_text(encoding="utf-8")
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
             (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
@@ -142,7 +142,7 @@ def test_module_has_slicer_classes():
     assert classes["ClinFuseDiffWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
     assert classes["ClinFuseDiffLogic"] == ["ScriptedLoadableModuleLogic"]
     assert classes["ClinFuseDiffTest"] == ["ScriptedLoadableModuleTest"]
-    src = MODULE_PY.read_text()
+    src = MODULE_PY.read_text(encoding="utf-8")
     for needle in ('self.resourcePath("UI/ClinFuseDiff.ui")', "connectGui(self.ui)", "tryWithErrorDisplay",
                    "PyTorchUtilsLogic()", "installTorch(askConfirmation=", "launchConsoleProcess",
                    "CUDA_VISIBLE_DEVICES", "SetReferenceImageGeometryParameterFromVolumeNode",
@@ -271,8 +271,8 @@ def test_requirements_match_pyproject():
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    reqs = [ln.split("#")[0].strip() for ln in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    reqs = [ln.split("#")[0].strip() for ln in (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()]
     reqs = {r.replace(" ", "") for r in reqs if r}
     for d in deps:
         if d.startswith("torch") and not d.startswith("torchsurv"):
@@ -289,7 +289,7 @@ def _cmake_set(text: str, var: str) -> list[str]:
 
 
 def test_module_cmake_lists_every_file_and_only_existing_ones():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     subst = lambda s: s.replace("${MODULE_NAME}", "ClinFuseDiff")  # noqa: E731
     scripts = [subst(s) for s in _cmake_set(text, "MODULE_PYTHON_SCRIPTS")]
     resources = [subst(s) for s in _cmake_set(text, "MODULE_PYTHON_RESOURCES")]
@@ -306,7 +306,7 @@ def test_module_cmake_lists_every_file_and_only_existing_ones():
 
 def _core_globs() -> tuple[list[str], list[str]]:
     """Emulate the core CMakeLists globs: (scripts, resources) relative to ClinFuseDiffCore/."""
-    text = (CORE_DIR / "CMakeLists.txt").read_text()
+    text = (CORE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     m = re.findall(r"file\(GLOB_RECURSE\s+(\w+)\s+RELATIVE\s+\S+\s+CONFIGURE_DEPENDS\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", text)
     globs = dict(m)
     excludes = dict(re.findall(r'list\(FILTER\s+(\w+)\s+EXCLUDE\s+REGEX\s+"(.*?)"\)', text))
@@ -332,12 +332,12 @@ def test_core_cmake_globs_ship_every_package_file():
     assert set(scripts) == py
     assert not any(f.endswith(".py") for f in resources)
     assert "outputs.py" in scripts and "data/volume.py" in scripts and "__init__.py" in scripts
-    text = (CORE_DIR / "CMakeLists.txt").read_text()
+    text = (CORE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "WITH_SUBDIR" in text
 
 
 def test_root_cmake_extension_metadata():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"project\(ClinFuseDiff\)", text)
     for var in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
                 "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
@@ -358,7 +358,7 @@ def test_config_dir_matches_installed_layout():
 
     assert CONFIG_DIR == Path(ClinFuseDiffCore.__file__).resolve().parent.parent / "Resources" / "Configs"
     assert sorted((REPO / "Resources" / "Configs").glob("*.yaml"))
-    assert "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/Configs" in (REPO / "CMakeLists.txt").read_text()
+    assert "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/Configs" in (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_icon_is_a_real_png():
@@ -374,7 +374,7 @@ def test_icon_is_a_real_png():
 
 def test_core_never_imports_slicer():
     for path in CORE_DIR.rglob("*.py"):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 roots = [a.name.split(".")[0] for a in node.names]

@@ -69,7 +69,7 @@ def test_checkpoint_contents(image_run):
     assert ck["tabular_dims"]["clinical"]["num"] == 1 and ck["tabular_dims"]["clinical"]["cat_cardinalities"] == [3]
     assert ck["tabular_state"]["clinical"]["numeric_columns"] == ["age"]
     bank = ck["feature_bank"]
-    split = json.loads((out / "split.json").read_text())
+    split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert bank["tokens"].shape == (5, 3, 16) and bank["available"].shape == (5, 3)  # feature_bank_size=5
     assert set(bank["patient_ids"]) <= set(split["train"])
     # absent modalities have zero tokens; the patient without CT is marked so if in the bank

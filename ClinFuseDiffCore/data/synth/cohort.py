@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...utils import _json_default, atomic_path, safe_id, safe_join
+from ...utils import _json_default, atomic_write_text, safe_id, safe_join
 from .params import (
     BRATS_NAMES,
     FEATURE_MODALITIES,
@@ -84,7 +84,7 @@ def _check_out_dir(out: Path) -> dict | None:
     marker = out / MARKER
     if marker.is_file():
         try:
-            prev = json.loads(marker.read_text())
+            prev = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{marker} is unreadable ({e}); give a new or empty folder") from e
         if prev.get("generator") == GENERATOR:
@@ -100,18 +100,11 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    _write_text(path, buf.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write, readable by everyone like the image files (mkstemp files are 0600)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _write_marker(out: Path, marker: dict) -> None:
-    _write_text(out / MARKER, json.dumps(marker, indent=2, default=_json_default) + "\n")
+    atomic_write_text(out / MARKER, json.dumps(marker, indent=2, default=_json_default) + "\n")
 
 
 def _write_patient(out: Path, p: PatientParameters, rendered, layout: str,
@@ -131,7 +124,7 @@ def _write_patient(out: Path, p: PatientParameters, rendered, layout: str,
             arrays["brain_labels"] = rendered.brain_labels
         for key, fname in names.items():
             (tmp / fname).write_bytes(_nifti_bytes(arrays[key], rendered.affine))
-        (tmp / INFO_FILE).write_text(json.dumps(rendered.info, indent=1) + "\n")
+        (tmp / INFO_FILE).write_text(json.dumps(rendered.info, indent=1) + "\n", encoding="utf-8")
         if final.exists():
             old = safe_join(out, f".old_{pid}_{os.getpid()}")
             os.replace(final, old)
@@ -209,7 +202,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
             info_file = folder / INFO_FILE
             expected = set(patient_files(p.patient_id, layout, present).values())
             if same and info_file.is_file() and expected <= {f.name for f in folder.iterdir()}:
-                info = json.loads(info_file.read_text())
+                info = json.loads(info_file.read_text(encoding="utf-8"))
                 reused += 1
             else:
                 rendered = render_patient(p, sites[p.site], shape, seed, tuple(present))  # type: ignore[arg-type]
