@@ -364,7 +364,11 @@ class FeatureDataset(Dataset):
     ):
         n = tokens.shape[0]
         if not (present.shape[0] == len(target) == len(time) == len(event) == len(patient_ids) == n):
-            raise ValueError("tokens, present, outcomes and patient_ids must have the same length N")
+            raise ValueError(
+                "tokens, present, outcomes and patient_ids must have the same length N; got "
+                f"tokens {n}, present {present.shape[0]}, target {len(target)}, time {len(time)}, "
+                f"event {len(event)}, patient_ids {len(patient_ids)}"
+            )
         self.tokens = tokens.detach().float().cpu()  # (N, M, E)
         self.present = present.detach().bool().cpu().numpy()  # (N, M)
         self.target = np.asarray(target, np.float64)
@@ -466,7 +470,8 @@ def make_split(
 
     ids = list(patient_ids)
     if len(set(ids)) != len(ids):
-        raise ValueError("patient IDs must be unique to split by patient")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"patient IDs must be unique to split by patient; repeated: {dup[:10]}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in "
