@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scanner differences between sites (default none)")
     p.add_argument("--missing-rate", type=float, default=0.0,
                    help="probability that each image modality is absent (default 0; >= 1 kept)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes rendering patients in parallel (default 1; same files whatever the number)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     s = generate_cohort(args.out, args.patients, shape=tuple(args.shape), seed=args.seed,
                         layout=args.layout, site_shift=args.site_shift,
-                        missing_rate=args.missing_rate, progress=not args.no_progress)
+                        missing_rate=args.missing_rate, progress=not args.no_progress,
+                        workers=args.workers)
     print(f"wrote a {s['layout']} cohort of {s['n_patients']} patients to {s['root']} "
           f"({s['generated']} generated, {s['reused']} reused) in {s['seconds']:.1f} s "
           f"({s['seconds_per_patient']:.2f} s/patient)")

@@ -43,6 +43,15 @@ OUTCOME_COLUMNS = ("patient_id", "label", "survival_months", "event")
 BRATS_SUFFIX = {"mri_t1": "t1", "mri_t1ce": "t1ce", "mri_t2": "t2", "mri_flair": "flair"}
 
 
+def _render_and_write(args: tuple) -> dict:
+    """Render one patient and write its folder (a top-level function, so worker processes can run
+    it). Returns the patient's measured info."""
+    out, p, site, shape, seed, layout, present = args
+    rendered = render_patient(p, site, shape, seed, present)
+    _write_patient(Path(out), p, rendered, layout, present)
+    return rendered.info
+
+
 def patient_files(patient_id: str, layout: str, modalities: Sequence[str]) -> dict[str, str]:
     """File names (inside the patient folder) of each modality plus ``seg`` (and
     ``brain_labels`` in the generic layout)."""
@@ -141,7 +150,7 @@ def _write_patient(out: Path, p: PatientParameters, rendered, layout: str,
 def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
                     shape: Sequence[int] = (96, 96, 64), seed: int = 0, layout: str = "generic",
                     site_shift: str = "none", missing_rate: float = 0.0, progress: bool = True,
-                    callback: Callable[[int, int], None] | None = None) -> dict:
+                    callback: Callable[[int, int], None] | None = None, workers: int = 1) -> dict:
     """Generate (or complete) a synthetic multimodal brain-tumour cohort in ``out_dir``.
 
     Args:
@@ -155,6 +164,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
         missing_rate: probability that each image modality file is absent (>= 1 is kept).
         progress: show a tqdm progress bar on stderr.
         callback: optional ``callback(done, total)`` after each patient (GUI progress).
+        workers: processes rendering patients in parallel (``spawn``); 1 = in this process.
+            Every patient is rendered from its own parameters, so the files are the same byte
+            for byte whatever the number of workers.
 
     Returns:
         Summary dict: ``root``, ``layout``, ``n_patients``, ``generated``, ``reused``,
@@ -195,32 +207,56 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="synth", unit="patient")
+    jobs = []  # (index, params, present) of the patients to render
+    infos: dict[int, dict] = {}
+    for i, p in enumerate(params):
+        present = [m for m in mods if m not in p.missing]
+        folder = safe_join(out, safe_id(p.patient_id))
+        info_file = folder / INFO_FILE
+        expected = set(patient_files(p.patient_id, layout, present).values())
+        if same and info_file.is_file() and expected <= {f.name for f in folder.iterdir()}:
+            infos[i] = json.loads(info_file.read_text(encoding="utf-8"))
+            reused += 1
+        else:
+            jobs.append((i, p, present))
+
+    def done_one() -> None:
+        if bar is not None:
+            bar.update(1)
+        if callback is not None:
+            callback(len(infos), n)
+
     try:
-        for p in params:
-            present = [m for m in mods if m not in p.missing]
-            folder = safe_join(out, safe_id(p.patient_id))
-            info_file = folder / INFO_FILE
-            expected = set(patient_files(p.patient_id, layout, present).values())
-            if same and info_file.is_file() and expected <= {f.name for f in folder.iterdir()}:
-                info = json.loads(info_file.read_text(encoding="utf-8"))
-                reused += 1
-            else:
-                rendered = render_patient(p, sites[p.site], shape, seed, tuple(present))  # type: ignore[arg-type]
-                info = rendered.info
-                folder = _write_patient(out, p, rendered, layout, present)
-                generated += 1
-            dirs.append(folder)
-            row = p.row()
-            row.update(info)
-            row["folder"] = folder.name
-            rows.append(row)
+        if reused:
             if bar is not None:
-                bar.update(1)
+                bar.update(reused)
             if callback is not None:
-                callback(len(rows), n)
+                callback(len(infos), n)
+        args = [(str(out), p, sites[p.site], shape, seed, layout, tuple(present)) for _, p, present in jobs]
+        if int(workers) <= 1 or len(jobs) <= 1:
+            for (i, _, _), a in zip(jobs, args):
+                infos[i] = _render_and_write(a)
+                generated += 1
+                done_one()
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("spawn")) as ex:
+                for (i, _, _), info in zip(jobs, ex.map(_render_and_write, args, chunksize=4)):
+                    infos[i] = info
+                    generated += 1
+                    done_one()
     finally:
         if bar is not None:
             bar.close()
+    for i, p in enumerate(params):
+        folder = safe_join(out, safe_id(p.patient_id))
+        dirs.append(folder)
+        row = p.row()
+        row.update(infos[i])
+        row["folder"] = folder.name
+        rows.append(row)
 
     # Folders of a previous run of this generator that are not part of this cohort.
     new_ids = {p.patient_id for p in params}
