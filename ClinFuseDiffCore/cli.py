@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 # Order shown in --help. A name whose module does not exist yet is skipped.
-SUBCOMMANDS = ["demo", "synth", "preprocess", "train", "evaluate", "infer", "benchmark"]
+SUBCOMMANDS = ["demo", "synth", "preprocess", "train", "evaluate", "experiment", "infer", "benchmark", "realdata"]
 
 
 def build_parser() -> argparse.ArgumentParser:
