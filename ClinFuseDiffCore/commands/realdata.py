@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of cfd_mean,cfd_attention,encox_subset,"
                         "encox_meanimp,encox_dropout (default all)")
-    p.add_argument("--nn-steps", type=int, default=300, help="optimiser steps per network (default 300)")
+    p.add_argument("--nn-steps", type=int, default=200, help="optimiser steps per network (default 200)")
     p.add_argument("--max-patients", type=int, default=None,
                    help="random subsample of each cohort (smoke runs only)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

@@ -71,7 +71,7 @@ class RunSettings:
     n_alphas: int = 30
     inner_folds: int = 3
     cox_copies: int = 5
-    nn_steps: int = 300
+    nn_steps: int = 200
     nn_eval_every: int = 25
     nn_batch: int = 256
     nn_lr: float = 3e-3
