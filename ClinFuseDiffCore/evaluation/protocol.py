@@ -22,480 +22,54 @@ What it does (the field's protocol, see ``docs/RESULTS_SCHEMA.md``):
 5. Seeds: every number is computed per seed, then reported as the mean over seeds with a 95%
    Student-t interval over seeds (``mean ± t_{0.975, n-1} · sd / sqrt(n)``). With one seed the
    interval is undefined (NaN). Paired differences between methods use the same per-seed pairing.
+
+This module is the orchestration (``evaluate_all_subsets``, and from checkpoints
+``resolve_checkpoints`` / ``methods_for_run`` / ``evaluate_checkpoints``). Its building blocks
+live beside it and are re-exported here: ``subsets.py`` (order, names, masks), ``running.py``
+(methods, running them over all pairs, metrics of a subset) and ``summaries.py`` (per-seed
+summaries, intervals over seeds, reliability). The verdict statistics (paired bootstrap over
+training seeds x patients) are in ``stats.py``.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 
-# Direction of each metric: True = higher is better.
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "auroc": True,
-    "balanced_accuracy": True,
-    "accuracy": True,
-    "ece": False,
-    "brier": False,
-    "nll": False,
-    "c_index": True,
-    "mae": False,
-    "rmse": False,
-}
-PRIMARY_METRIC = {"classification": "auroc", "survival": "c_index", "regression": "mae"}
-INTERVAL_LEVEL = 0.95
-
-
-# --------------------------------------------------------------------------------------------
-# Subsets
-# --------------------------------------------------------------------------------------------
-def enumerate_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
-    """All 2^M - 1 non-empty subsets of ``modalities`` in the protocol's fixed order.
-
-    Order: by size (1, 2, ..., M), then lexicographically by position in ``modalities``.
-
-    Args:
-        modalities: the ordered modality names (``cfg.data.modalities``), no duplicates.
-
-    Returns:
-        list of tuples of names, each tuple in ``modalities`` order; the last is the full set.
-    """
-    mods = list(modalities)
-    if not mods:
-        raise ValueError("no modalities given; the protocol needs at least one modality")
-    if len(set(mods)) != len(mods):
-        raise ValueError(f"modalities {mods} contain duplicates; list each modality once")
-    out: list[tuple[str, ...]] = []
-    for k in range(1, len(mods) + 1):
-        out.extend(itertools.combinations(mods, k))
-    return out
-
-
-def subset_key(subset: Iterable[str]) -> str:
-    """A subset's name in tables and JSON: names joined with ``+`` (``mri_t1+ct``)."""
-    return "+".join(subset)
-
-
-def subset_masks(subsets: Sequence[Sequence[str]], modalities: Sequence[str]) -> torch.Tensor:
-    """Boolean masks of subsets.
-
-    Returns:
-        (S, M) bool, ``mask[s, m]`` = modality m is in subset s.
-    """
-    index = {m: i for i, m in enumerate(modalities)}
-    mask = torch.zeros(len(subsets), len(modalities), dtype=torch.bool)
-    for s, sub in enumerate(subsets):
-        for m in sub:
-            if m not in index:
-                raise ValueError(f"subset {list(sub)} names {m!r}, not one of {list(modalities)}")
-            mask[s, index[m]] = True
-    return mask
-
-
-def normalise_combinations(
-    combos: Iterable[Iterable[str]], modalities: Sequence[str]
-) -> list[tuple[str, ...]]:
-    """Excluded combinations (from the training config) as subset tuples in modality order."""
-    out = []
-    order = {m: i for i, m in enumerate(modalities)}
-    for c in combos:
-        c = list(c)
-        bad = [m for m in c if m not in order]
-        if bad:
-            raise ValueError(
-                f"excluded combination {c} names {bad}, not in the modalities {list(modalities)}"
-            )
-        out.append(tuple(sorted(set(c), key=order.__getitem__)))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Methods
-# --------------------------------------------------------------------------------------------
-@dataclass
-class MethodOutput:
-    """What a method returns for N (subset, patient) rows.
-
-    Attributes:
-        probs: (N, C) class probabilities (classification), else None.
-        risk: (N,) risk score, higher = earlier event (survival), else None.
-        value: (N,) prediction (regression), else None.
-        uncertainty: (N,) spread of the prediction over diffusion samples, or None.
-        extra: per-method diagnostics (e.g. TTT acceptance counts), summed/merged over chunks.
-    """
-
-    probs: Optional[torch.Tensor] = None
-    risk: Optional[torch.Tensor] = None
-    value: Optional[torch.Tensor] = None
-    uncertainty: Optional[torch.Tensor] = None
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-# fn(tokens (N, M, E), available (N, M) bool, row_seeds (N,) int64) -> MethodOutput for the N
-# rows, or {name: MethodOutput} for a Method that yields several methods (``Method.also``).
-# row_seeds are unique per (seed, subset, patient) and do not depend on chunking, so a method
-# that draws noise per row gives the same numbers whatever the chunk size.
-MethodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]
-
-
-@dataclass
-class Method:
-    """One method to evaluate: its cached test tokens and how it predicts from them.
-
-    Attributes:
-        name: method name in the results (``mean``, ``attention``, ``diffusion``, ``diffusion+ttt``).
-        tokens: (P, M, E) tokens of the P test patients from this method's model (encoded once).
-        fn: maps (tokens, available, row_seeds) to a MethodOutput (or a dict of them).
-        chunk_size: rows per call of ``fn`` (bounds memory; TTT batches this many episodes).
-        also: names of further methods the same call yields (``fn`` then returns
-            {name: MethodOutput} for ``(name, *also)``), e.g. ``diffusion`` and ``diffusion+ttt``
-            from one pass that shares the diffusion noise and the un-adapted samples.
-    """
-
-    name: str
-    tokens: torch.Tensor
-    fn: MethodFn
-    chunk_size: int = 2048
-    also: tuple[str, ...] = ()
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.name, *self.also)
-
-
-@dataclass
-class Targets:
-    """Ground truth of the P test patients.
-
-    Attributes:
-        task: ``classification`` | ``survival`` | ``regression``.
-        target: (P,) long labels (classification) or float values (regression); may be None for
-            survival.
-        time, event: (P,) float survival time and event indicator (survival).
-    """
-
-    task: str
-    target: Optional[torch.Tensor] = None
-    time: Optional[torch.Tensor] = None
-    event: Optional[torch.Tensor] = None
-
-
-def _cat_outputs(parts: list[MethodOutput]) -> MethodOutput:
-    def cat(name: str) -> Optional[torch.Tensor]:
-        vals = [getattr(p, name) for p in parts]
-        if any(v is None for v in vals):
-            return None
-        return torch.cat([v.detach().float().cpu() for v in vals], 0)
-
-    extra: dict[str, float] = {}
-    for p in parts:
-        for k, v in p.extra.items():
-            extra[k] = extra.get(k, 0.0) + float(v)
-    return MethodOutput(cat("probs"), cat("risk"), cat("value"), cat("uncertainty"), extra)
-
-
-def flatten_pairs(
-    masks: torch.Tensor, patient_available: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All (subset, patient) pairs a patient can provide, with the effective availability.
-
-    Args:
-        masks: (S, M) bool subset masks.
-        patient_available: (P, M) bool, what each patient really has.
-
-    Returns:
-        subset_idx (N,), patient_idx (N,), available (N, M) bool = subset ∩ patient; pairs whose
-        intersection is empty are left out. Ordered by subset, then patient.
-    """
-    eff = masks[:, None, :] & patient_available[None, :, :]  # (S, P, M)
-    ok = eff.any(-1)  # (S, P)
-    s_idx, p_idx = ok.nonzero(as_tuple=True)
-    return s_idx, p_idx, eff[s_idx, p_idx]
-
-
-def unique_episodes(p_idx: torch.Tensor, avail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct (patient, effective availability) episodes among the pairs.
-
-    Subsets that a patient can only partly provide often reduce to the same intersection; such
-    pairs are the same episode (same tokens, same mask) and are computed once.
-
-    Returns:
-        keys (U,) int64 = patient * 2^M + mask code, sorted; inverse (N,) index into keys.
-    """
-    M = avail.shape[1]
-    code = (avail.long() * (2 ** torch.arange(M))).sum(-1)  # (N,)
-    keys, inverse = torch.unique(p_idx.long() * (2**M) + code, return_inverse=True)
-    return keys, inverse
-
-
-def run_method(
-    method: Method,
-    masks: torch.Tensor,
-    patient_available: torch.Tensor,
-    seed: int,
-    progress: Optional[Callable[[int, int], None]] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, MethodOutput], float]:
-    """Run one method on every (subset, patient) pair, in chunks, from its cached tokens.
-
-    Each distinct episode (patient, subset ∩ what the patient has) is computed once, with the
-    row seed ``(seed * P + patient) * 2^M + mask code + 1`` (unique per seed and episode, and
-    independent of the chunking), then copied to every pair that maps to it.
-
-    Returns:
-        subset_idx (N,), patient_idx (N,), available (N, M), {name: MethodOutput over the N
-        pairs} for every name the method yields, and the wall time in seconds.
-    """
-    s_idx, p_idx, avail = flatten_pairs(masks, patient_available)
-    M = masks.shape[1]
-    keys, inverse = unique_episodes(p_idx, avail)
-    u_p = keys // (2**M)  # (U,) patient of each episode
-    u_av = ((keys % (2**M)).unsqueeze(1) // (2 ** torch.arange(M))) % 2 == 1  # (U, M)
-    seeds = (int(seed) * patient_available.shape[0]) * (2**M) + keys + 1  # (U,)
-    n = int(keys.numel())
-    parts: dict[str, list[MethodOutput]] = {k: [] for k in method.names}
-    t0 = time.perf_counter()
-    for start in range(0, n, method.chunk_size):
-        sl = slice(start, min(n, start + method.chunk_size))
-        tok = method.tokens[u_p[sl]]  # (n, M, E)
-        with torch.no_grad():  # a method that adapts (TTT) re-enables grad inside
-            out = method.fn(tok, u_av[sl], seeds[sl])
-        if isinstance(out, MethodOutput):
-            out = {method.name: out}
-        missing = set(method.names) - set(out)
-        if missing:
-            raise RuntimeError(f"method {method.name!r} returned no output for {sorted(missing)}")
-        for k in method.names:
-            parts[k].append(out[k])
-        if progress is not None:
-            progress(sl.stop, n)
-    outs = {}
-    for k, v in parts.items():
-        u = _cat_outputs(v)
-        full = _select(u, inverse)
-        full.extra = u.extra
-        outs[k] = full
-    return s_idx, p_idx, avail, outs, time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics per subset
-# --------------------------------------------------------------------------------------------
-def default_metric_fn(task: str) -> Callable[[MethodOutput, Targets, torch.Tensor], dict[str, float]]:
-    """The metrics of ``task`` from ``evaluation.metrics``, for rows picked by a patient index."""
-    from . import metrics as M
-
-    def need(what: str, value: Optional[torch.Tensor], where: str) -> None:
-        if value is None:
-            raise ValueError(f"{task} metrics need {where}.{what}, which is None; give "
-                             f"{'the method outputs' if where == 'MethodOutput' else 'Targets'} "
-                             f"{what} or pass a metric_fn for this task")
-
-    def classification(out: MethodOutput, tg: Targets, p: torch.Tensor) -> dict[str, float]:
-        need("probs", out.probs, "MethodOutput")
-        need("target", tg.target, "Targets")
-        probs, y = out.probs, tg.target[p]
-        return {
-            "auroc": float(M.auroc(probs, y)),
-            "balanced_accuracy": float(M.balanced_accuracy(probs, y)),
-            "ece": float(M.expected_calibration_error(probs, y)),
-            "brier": float(M.brier_score(probs, y)),
-        }
-
-    def survival(out: MethodOutput, tg: Targets, p: torch.Tensor) -> dict[str, float]:
-        need("risk", out.risk, "MethodOutput")
-        need("time", tg.time, "Targets")
-        need("event", tg.event, "Targets")
-        return {"c_index": float(M.concordance_index(out.risk, tg.time[p], tg.event[p]))}
-
-    def regression(out: MethodOutput, tg: Targets, p: torch.Tensor) -> dict[str, float]:
-        need("value", out.value, "MethodOutput")
-        need("target", tg.target, "Targets")
-        err = out.value.float() - tg.target[p].float()
-        return {"mae": float(err.abs().mean()), "rmse": float(err.pow(2).mean().sqrt())}
-
-    fns = {"classification": classification, "survival": survival, "regression": regression}
-    if task not in fns:
-        raise ValueError(f"task {task!r} not one of {sorted(fns)}")
-    return fns[task]
-
-
-def _select(out: MethodOutput, rows: torch.Tensor) -> MethodOutput:
-    pick = lambda t: None if t is None else t[rows]  # noqa: E731
-    return MethodOutput(pick(out.probs), pick(out.risk), pick(out.value), pick(out.uncertainty))
-
-
-def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of each row of (N, C) probabilities, in nats. Returns (N,)."""
-    p = probs.clamp_min(1e-12)
-    return -(p * p.log()).sum(-1)
-
-
-def reliability_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 10) -> dict[str, list]:
-    """Top-label reliability data: per confidence bin, mean confidence, accuracy and count.
-
-    Args:
-        probs: (N, C) probabilities; target: (N,) labels.
-
-    Returns:
-        {"edges": n_bins+1, "confidence": n_bins, "accuracy": n_bins, "count": n_bins}; empty bins
-        have NaN confidence/accuracy.
-    """
-    conf, pred = probs.max(-1)
-    correct = (pred == target).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    b = torch.bucketize(conf, edges[1:-1], right=True)  # (N,) in [0, n_bins)
-    cnt, mc, acc = [], [], []
-    for i in range(n_bins):
-        sel = b == i
-        n = int(sel.sum())
-        cnt.append(n)
-        mc.append(float(conf[sel].mean()) if n else float("nan"))
-        acc.append(float(correct[sel].mean()) if n else float("nan"))
-    return {"edges": edges.tolist(), "confidence": mc, "accuracy": acc, "count": cnt}
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries
-# --------------------------------------------------------------------------------------------
-def _worse(a: float, b: float, higher: bool) -> bool:
-    """True when ``a`` is strictly worse than ``b``."""
-    return a < b if higher else a > b
-
-
-def summarise_subsets(
-    per_subset: Mapping[str, Mapping[str, float]],
-    subsets: Sequence[Sequence[str]],
-    modalities: Sequence[str],
-    excluded: Sequence[Sequence[str]] = (),
-) -> dict[str, dict[str, Any]]:
-    """Summaries of one method and seed over all subsets, metric by metric.
-
-    Args:
-        per_subset: {subset_key: {metric: value}} (NaN allowed: left out of means and pairs).
-        subsets: the subsets in protocol order (tuples of names).
-        modalities: the full ordered modality list (the last subset must be the full set).
-        excluded: combinations excluded from training (unseen); every other subset is seen.
-
-    Returns:
-        {metric: {"mean", "worst", "worst_subset", "full", "drop_vs_full" (full - mean, signed so
-        that positive = worse than full), "drop_vs_full_worst", "harm_rate", "harm_pairs",
-        "seen_mean", "unseen_mean", "absent": {modality: mean over subsets lacking it}}}.
-        ``harm_rate`` = fraction of pairs (S, S∪{m}), m ∉ S, S non-empty, both values finite,
-        where the metric on S∪{m} is strictly worse than on S.
-    """
-    keys = [subset_key(s) for s in subsets]
-    full_key = subset_key(modalities)
-    excluded_keys = {subset_key(s) for s in normalise_combinations(excluded, modalities)}
-    metric_names: list[str] = []
-    for k in keys:
-        for name in per_subset.get(k, {}):
-            if name not in metric_names:
-                metric_names.append(name)
-    order = {m: i for i, m in enumerate(modalities)}
-    out: dict[str, dict[str, Any]] = {}
-    for name in metric_names:
-        higher = HIGHER_IS_BETTER.get(name, True)
-        vals = {k: float(per_subset.get(k, {}).get(name, float("nan"))) for k in keys}
-        finite = {k: v for k, v in vals.items() if math.isfinite(v)}
-        mean = float(np.mean(list(finite.values()))) if finite else float("nan")
-        if finite:
-            pick = min if higher else max
-            worst_key = pick(finite, key=finite.__getitem__)
-            worst = finite[worst_key]
-        else:
-            worst_key, worst = None, float("nan")
-        full = vals.get(full_key, float("nan"))
-        sign = 1.0 if higher else -1.0
-        # Harm pairs.
-        harms = pairs = 0
-        for s in subsets:
-            for m in modalities:
-                if m in s:
-                    continue
-                bigger = tuple(sorted((*s, m), key=order.__getitem__))
-                a, b = vals[subset_key(s)], vals[subset_key(bigger)]
-                if not (math.isfinite(a) and math.isfinite(b)):
-                    continue
-                pairs += 1
-                harms += int(_worse(b, a, higher))
-        seen = [v for k, v in finite.items() if k not in excluded_keys]
-        unseen = [v for k, v in finite.items() if k in excluded_keys]
-        absent = {}
-        for m in modalities:
-            lacking = [finite[k] for k, s in zip(keys, subsets) if m not in s and k in finite]
-            absent[m] = float(np.mean(lacking)) if lacking else float("nan")
-        out[name] = {
-            "mean": mean,
-            "worst": worst,
-            "worst_subset": worst_key,
-            "full": full,
-            "drop_vs_full": sign * (full - mean),
-            "drop_vs_full_worst": sign * (full - worst),
-            "harm_rate": harms / pairs if pairs else float("nan"),
-            "harm_pairs": pairs,
-            "seen_mean": float(np.mean(seen)) if seen else float("nan"),
-            "unseen_mean": float(np.mean(unseen)) if unseen else float("nan"),
-            "absent": absent,
-        }
-    return out
-
-
-def interval(values: Sequence[float], level: float = INTERVAL_LEVEL) -> dict[str, float]:
-    """Mean over seeds with a Student-t interval.
-
-    Args:
-        values: one value per seed (NaNs are dropped).
-
-    Returns:
-        {"mean", "std" (sample sd, ddof=1), "ci_low", "ci_high", "n"}; with n < 2 the sd and the
-        interval are NaN.
-    """
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None and math.isfinite(float(x))], dtype=float)
-    n = int(v.size)
-    if n == 0:
-        nan = float("nan")
-        return {"mean": nan, "std": nan, "ci_low": nan, "ci_high": nan, "n": 0}
-    mean = float(v.mean())
-    if n < 2:
-        return {"mean": mean, "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": n}
-    sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "std": sd, "ci_low": mean - half, "ci_high": mean + half, "n": n}
-
-
-_SCALARS = ("mean", "worst", "full", "drop_vs_full", "drop_vs_full_worst", "harm_rate",
-            "seen_mean", "unseen_mean")
-
-
-def aggregate_summaries(per_seed: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
-    """Combine ``summarise_subsets`` outputs of several seeds into intervals.
-
-    Returns:
-        {metric: {scalar: interval(...), "worst_subset": [per seed], "absent": {m: interval}}}.
-    """
-    out: dict[str, Any] = {}
-    if not per_seed:
-        return out
-    for name in per_seed[0]:
-        entry: dict[str, Any] = {}
-        for s in _SCALARS:
-            entry[s] = interval([ps[name][s] for ps in per_seed if name in ps])
-        entry["worst_subset"] = [ps[name]["worst_subset"] for ps in per_seed if name in ps]
-        entry["harm_pairs"] = per_seed[0][name]["harm_pairs"]
-        entry["absent"] = {
-            m: interval([ps[name]["absent"][m] for ps in per_seed if name in ps])
-            for m in per_seed[0][name]["absent"]
-        }
-        out[name] = entry
-    return out
+# The protocol's building blocks live in their own modules; they are re-exported here so that
+# ``from ClinFuseDiffCore.evaluation.protocol import ...`` keeps working.
+from .running import (  # noqa: F401
+    Method,
+    MethodFn,
+    MethodOutput,
+    Targets,
+    _cat_outputs,
+    _select,
+    default_metric_fn,
+    flatten_pairs,
+    run_method,
+    unique_episodes,
+)
+from .subsets import (  # noqa: F401
+    enumerate_subsets,
+    normalise_combinations,
+    subset_key,
+    subset_masks,
+)
+from .summaries import (  # noqa: F401
+    _SCALARS,
+    HIGHER_IS_BETTER,
+    INTERVAL_LEVEL,
+    PRIMARY_METRIC,
+    _worse,
+    aggregate_summaries,
+    interval,
+    predictive_entropy,
+    reliability_bins,
+    summarise_subsets,
+)
 
 
 # --------------------------------------------------------------------------------------------

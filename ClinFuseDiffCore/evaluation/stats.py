@@ -93,7 +93,8 @@ class SubsetStructure:
         return len(self.subsets)
 
 
-def subset_structure(subsets: Sequence[Sequence[str]], modalities: Sequence[str]) -> SubsetStructure:
+def subset_structure(subsets: Sequence[Sequence[str]],
+                     modalities: Sequence[str]) -> SubsetStructure:
     """Index the singletons, the full set and the one-modality-larger pairs of ``subsets``.
 
     Args:
@@ -512,6 +513,6 @@ def summary_table_markdown(
         lines.append(f"| {name} | {m['n_seeds']} | " + " | ".join(row) + " |")
         if name != ref:
             d = [m["summaries"][s]["diff_vs_reference"] for s in summaries]
-            lines.append(f"| Δ vs {ref} | | "
-                         + " | ".join(cell(x["value"], x["low"], x["high"], True) for x in d) + " |")
+            cells = [cell(x["value"], x["low"], x["high"], True) for x in d]
+            lines.append(f"| Δ vs {ref} | | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ def _binormal(rng, n_pos, n_neg, d):
 def test_auroc_weighted_matches_sklearn_on_repeated_sample_with_ties():
     rng = np.random.default_rng(0)
     P = 60
-    scores = np.round(rng.normal(size=P), 1)  # coarse rounding: many ties, within and across classes
+    scores = np.round(rng.normal(size=P), 1)  # rounded: many ties, in and across classes
     labels = rng.integers(0, 2, P)
     weights = rng.integers(0, 4, size=(25, P))
     got = auroc_weighted(scores, labels, weights)
