@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -320,6 +320,7 @@ def hierarchical_bootstrap(
     seed_resampling: bool = True,
     subset_groups: Optional[Mapping[str, Sequence[int]]] = None,
     stratified: bool = True,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict[str, Any]:
     """Paired patient bootstrap x training-seed bootstrap of every method's AUROC summaries.
 
@@ -338,6 +339,8 @@ def hierarchical_bootstrap(
             (``"image_only"``, ``"unseen"``, ...).
         stratified: resample patients within each class (keeps both classes in every resample;
             pROC's default). False resamples all patients together.
+        progress: optional callback ``(methods done, methods in all)`` after each method (about
+            2-3 s of CPU per method at 5 seeds x 127 subsets x 2,000 patients x 1,000 resamples).
 
     Returns:
         a JSON-ready dict, schema ``clinfusediff.verdict/1`` (see the module docstring):
@@ -417,6 +420,8 @@ def hierarchical_bootstrap(
         boot_h[name] = _summaries(curve_h, st, groups)
         boot_p[name] = _summaries(curve_p, st, groups)
         curves[name] = (curve_point, curve_h)
+        if progress is not None:
+            progress(len(curves), len(arrays))
 
     summary_names = list(point[reference])
     methods_out: dict[str, Any] = {}

@@ -257,3 +257,21 @@ def test_bootstrap_resamples_equal_direct_weighted_auroc():
     f = res["methods"]["m"]["summaries"]["full_set"]
     assert f["low"] == pytest.approx(lo) and f["high"] == pytest.approx(hi)
     assert f["se"] == pytest.approx(direct.std(ddof=1))
+
+
+def test_unstratified_resampling_and_progress():
+    """stratified=False resamples all patients together; the interval stays close to the
+    stratified one for a balanced sample, and progress reports each method."""
+    rng = np.random.default_rng(10)
+    s, y = _binormal(rng, 150, 150, 1.0)
+    calls = []
+    kw = dict(reference="m", n_boot=300, seed=2)
+    a = hierarchical_bootstrap({"m": s[None, None], "n": s[None, None] + 0.1}, y, [("a",)], ["a"],
+                               stratified=False, progress=lambda i, n: calls.append((i, n)), **kw)
+    b = hierarchical_bootstrap({"m": s[None, None]}, y, [("a",)], ["a"], **kw)
+    assert calls == [(1, 2), (2, 2)]
+    assert a["stratified"] is False and b["stratified"] is True
+    fa = a["methods"]["m"]["summaries"]["full_set"]
+    fb = b["methods"]["m"]["summaries"]["full_set"]
+    assert fa["value"] == fb["value"]
+    assert fa["se"] == pytest.approx(fb["se"], rel=0.25)
