@@ -80,8 +80,13 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     split_file: Optional[str] = None  # default: <output>/split.json, written once and reused
-    # Missing-modality simulation during training.
-    drop_prob: float = 0.3  # per-modality drop probability (a float for all ...)
+    # Missing-modality simulation during training. subset_sampling: how the kept set is drawn —
+    # "uniform_subsets" (every allowed non-empty subset of what the patient has equally likely,
+    # as the all-subsets evaluation weighs them), "uniform_size" (a size uniformly, then a subset
+    # of that size), or "independent" (each modality dropped with drop_prob; 1-2-modality sets
+    # are then rare). min_keep and excluded_combinations restrict every mode.
+    subset_sampling: Literal["independent", "uniform_subsets", "uniform_size"] = "uniform_subsets"
+    drop_prob: float = 0.3  # "independent" only: per-modality drop probability (a float for all ...)
     drop_prob_per_modality: dict[str, float] = field(default_factory=dict)  # ... or per name
     min_keep: int = 1
     excluded_combinations: list[list[str]] = field(default_factory=list)  # never drawn in training
@@ -169,7 +174,17 @@ class TrainingConfig:
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     grad_checkpointing: bool = False
     early_stopping_patience: int = 20
-    monitor: str = "val_auroc"  # validation metric for best checkpoint / early stopping
+    # Validation metric for the best checkpoint / early stopping: a val_* metric of the task, on
+    # the full modality set (val_auroc, val_c_index, ...) or averaged over every non-empty modality
+    # subset of the validation patients (val_mean_subsets_auroc / _c_index / _mae), the way the
+    # all-subsets evaluation scores a model (diffusion: deterministic DDIM eta=0, K=1, fixed seed).
+    monitor: str = "val_auroc"
+    # Monitor of stage 1 (encoder training) of two_stage; null = `monitor`.
+    encoder_monitor: Optional[str] = None
+    # best: keep the epoch with the best monitor (+ early stopping); last: fixed schedule, the final
+    # epoch is the selected checkpoint (best.pt == last epoch), no early stopping.
+    selection: Literal["best", "last"] = "best"
+    encoder_selection: Optional[Literal["best", "last"]] = None  # stage 1; null = `selection`
     lambda_pred: float = 1.0
     lambda_diff: float = 1.0
     lambda_recon: float = 0.1

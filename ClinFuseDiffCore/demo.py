@@ -181,6 +181,8 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
     Returns:
         ``DemoResult``.
     """
+    import torch
+
     from .data.dataset import ensure_cohort_root, prepare_cohort
     from .evaluation.protocol import evaluate_checkpoints
     from .training.trainer import train_fusions
@@ -224,8 +226,11 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
     res.cpu_seconds["train"] = time.process_time() - c0
     for name, r in trained.items():
         res.val_metric[name] = float(r.best_metric)
-        say(f"      {name:<10} best {cfg.training.monitor} {r.best_metric:.3f} (epoch {r.best_epoch}, "
-            f"{r.seconds:.0f} s) -> {r.best_path}")
+        monitor = (cfg.training.encoder_monitor or cfg.training.monitor) if name == "encoders" else cfg.training.monitor
+        selection = (cfg.training.encoder_selection or cfg.training.selection) if name == "encoders" \
+            else cfg.training.selection
+        say(f"      {name:<10} {'best' if selection == 'best' else 'last-epoch'} {monitor} {r.best_metric:.3f} "
+            f"(epoch {r.best_epoch}, {r.seconds:.0f} s) -> {r.best_path}")
         res.outputs[f"checkpoint_{name}"] = r.best_path
 
     say(f"[4/5] evaluate all {2 ** len(cfg.data.modalities) - 1} modality subsets x "
@@ -264,6 +269,8 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
         (f"inference: patient {inf['patient_id']} without {drop}: {pred_line}; "
         f"TTT {inf['record']['ttt']}"),
         "", "wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()),
+        (f"torch threads {torch.get_num_threads()}, experiment.deterministic={cfg.experiment.deterministic} "
+         "(numbers are reproducible for the same thread count on a CPU)"),
         "CPU time of this process (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.cpu_seconds.items()),
         "", "outputs:",
     ]
@@ -271,6 +278,7 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
     res.summary_text = "\n".join(lines)
     summary_path = atomic_write_json(out / "demo_summary.json", {
         "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "val_metric": res.val_metric,
+        "torch_threads": torch.get_num_threads(), "deterministic": cfg.experiment.deterministic,
         "summary": results["summary"], "inference": {"patient_id": inf["patient_id"], "dropped": drop,
                                                       "prediction": p},
         "outputs": {k: str(v) for k, v in res.outputs.items()},

@@ -17,6 +17,13 @@ Two modes (``cfg.training.stage``):
   stage 2 costs seconds per fusion instead of minutes. ``train(..., encoder_checkpoint=...)``
   is stage 2 on its own.
 
+Selection: ``cfg.training.monitor`` is a full-set validation metric or the metric averaged over
+every non-empty modality subset of the validation patients (``val_mean_subsets_*``,
+``mean_over_subsets``: what the all-subsets evaluation reports; cheap on cached tokens, diffusion
+read out deterministically with DDIM eta 0, K=1, a fixed seed). ``training.selection=last`` is a
+fixed schedule (best.pt = the final epoch, no early stopping). Stage 1 of two-stage training
+uses ``training.encoder_monitor``/``encoder_selection`` when set.
+
 Checkpoints (``best.pt`` by ``cfg.training.monitor``, ``last.pt`` every epoch) are written
 atomically by rank 0 and hold everything ``checkpoint.py`` lists. The feature bank (training
 tokens for TTT) is computed with the weights of each checkpoint: in stage 2 it is the cached
@@ -54,7 +61,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config, save_config, seed_everything
+from ..config import Config, save_config, seed_everything, seed_worker
 from ..utils import resolve_device
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
@@ -62,10 +69,14 @@ from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distr
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "brier", "ece")
+# The validation metric averaged over every non-empty modality subset (see ``mean_over_subsets``).
+SUBSET_METRICS = {"classification": "val_mean_subsets_auroc", "survival": "val_mean_subsets_c_index",
+                  "regression": "val_mean_subsets_mae"}
 VAL_METRICS = {
-    "classification": ["val_loss", "val_auroc", "val_balanced_accuracy", "val_ece", "val_brier"],
-    "survival": ["val_loss", "val_c_index"],
-    "regression": ["val_loss", "val_mae", "val_rmse"],
+    "classification": ["val_loss", "val_auroc", "val_balanced_accuracy", "val_ece", "val_brier",
+                       SUBSET_METRICS["classification"]],
+    "survival": ["val_loss", "val_c_index", SUBSET_METRICS["survival"]],
+    "regression": ["val_loss", "val_mae", "val_rmse", SUBSET_METRICS["regression"]],
 }
 
 
@@ -232,6 +243,96 @@ def validation_metrics(task: str, pred: Mapping[str, Any]) -> dict[str, float]:
     return {f"val_{k}": float(v) for k, v in res.items()}
 
 
+def mean_over_subsets(
+    predict_fn, tokens: torch.Tensor, present: torch.Tensor, task: str, target: torch.Tensor,
+    time: torch.Tensor | None = None, event: torch.Tensor | None = None, chunk_size: int = 4096,
+) -> tuple[float, dict[str, float]]:
+    """The validation metric averaged over every non-empty modality subset, as the all-subsets
+    evaluation scores a model (``evaluation.protocol``): for each subset S, every patient that
+    has at least one modality of S is predicted from ``S ∩ (what it has)``; the subset's metric
+    (AUROC / C-index / MAE) is computed over those patients; subsets where it is undefined (no
+    patient, one class) are left out of the mean.
+
+    Args:
+        predict_fn: ``(tokens (N, M, E), available (N, M) bool) -> (N, C)`` head outputs
+            (classification logits; regression value / survival risk in column 0); must be
+            deterministic for the monitor to be comparable between epochs.
+        tokens: (P, M, E) per-modality tokens of the validation patients.
+        present: (P, M) bool, what each patient really has.
+        task: ``classification | survival | regression``.
+        target, time, event: (P,) outcomes.
+        chunk_size: rows per ``predict_fn`` call.
+
+    Returns:
+        ``(mean, {subset key "a+b": value})``; the mean is NaN when no subset has a value.
+    """
+    from ..evaluation import metrics as M
+    from ..evaluation.protocol import enumerate_subsets, flatten_pairs, subset_masks
+
+    names = [str(i) for i in range(present.shape[1])]
+    subsets = enumerate_subsets(names)
+    masks = subset_masks(subsets, names)  # (S, M)
+    present = present.bool().cpu()
+    s_idx, p_idx, avail = flatten_pairs(masks, present)  # (N,), (N,), (N, M)
+    outs = []
+    for a in range(0, len(p_idx), chunk_size):
+        rows = p_idx[a:a + chunk_size]
+        outs.append(predict_fn(tokens[rows], avail[a:a + chunk_size].to(tokens.device)).float().cpu())
+    out = torch.cat(outs) if outs else torch.zeros(0, 1)  # (N, C)
+    per: dict[str, float] = {}
+    for s, sub in enumerate(subsets):
+        rows = (s_idx == s).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        o, pi = out[rows], p_idx[rows]
+        if task == "classification":
+            v = M.auroc(o.softmax(-1), target[pi])
+        elif task == "survival":
+            v = M.concordance_index(o[:, 0], time[pi], event[pi])
+        else:
+            v = float((o[:, 0] - target[pi].float()).abs().mean())
+        if v is not None and math.isfinite(float(v)):
+            per["+".join(sub)] = float(v)
+    mean = float(np.mean(list(per.values()))) if per else float("nan")
+    return mean, per
+
+
+@torch.no_grad()
+def subset_validation(model: nn.Module, loader, device: torch.device, amp: str, seed: int) -> float:
+    """``val_mean_subsets_*`` of ``model`` on a validation loader (eval mode).
+
+    The tokens of each patient's modalities are computed once (cached tokens in stage 2; one
+    encoder pass in end-to-end training) and reused for all 2^M - 1 subsets. Diffusion fusion
+    uses a deterministic readout: DDIM with eta = 0, K = 1 sample, x_T from a generator seeded
+    with ``seed`` (the same draws every epoch).
+    """
+    model.eval()
+    toks, pres, tg, tm, ev = [], [], [], [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        full = batch["available_full"]
+        with autocast_context(amp, device):
+            if "tokens" in batch:
+                t = feature_tokens(model, {**batch, "available": full})
+            else:
+                t = model.encode(batch, full)  # (B, M, E)
+        toks.append(t.float())
+        pres.append(full.cpu())
+        tg.append(batch["target"].cpu())
+        tm.append(batch["time"].cpu())
+        ev.append(batch["event"].cpu())
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    kwargs = {"sampler": "ddim", "eta": 0.0} if getattr(model, "fusion_type", None) == "diffusion" else {}
+
+    def predict(tokens: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        with autocast_context(amp, device):
+            return model.predict_from_tokens(tokens, available, num_samples=1, generator=gen, **kwargs)
+
+    mean, _ = mean_over_subsets(predict, torch.cat(toks), torch.cat(pres), model.task, torch.cat(tg),
+                                torch.cat(tm), torch.cat(ev))
+    return mean
+
+
 @torch.no_grad()
 def encode_dataset(model: nn.Module, dataset, device: torch.device, batch_size: int,
                    amp: str = "none", images_only: bool = False) -> dict[str, Any]:
@@ -326,6 +427,11 @@ def train(
     t_start = time.perf_counter()
     tc = cfg.training
     out_dir = Path(out_dir)
+    if tc.encoder_monitor is not None and tc.encoder_monitor not in VAL_METRICS[cfg.data.task]:
+        raise ValueError(
+            f"training.encoder_monitor={tc.encoder_monitor!r} is not a validation metric of task "
+            f"{cfg.data.task!r}; choose one of {VAL_METRICS[cfg.data.task]} or null"
+        )
     if tc.monitor not in VAL_METRICS[cfg.data.task]:
         raise ValueError(
             f"training.monitor={tc.monitor!r} is not a validation metric of task "
@@ -393,10 +499,14 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sampler = DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                  shuffle=True, seed=cfg.experiment.seed, drop_last=False)
-    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,
-                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 16), shuffle=False, collate_fn=collate,
-                            num_workers=cfg.data.num_workers)
+    # Workers are seeded from the experiment seed (their draws come from data.dataset.sample_rng
+    # anyway); the loaders' own generator keeps them off the global torch RNG.
+    loader_kw = {"num_workers": cfg.data.num_workers, "collate_fn": collate, "worker_init_fn": seed_worker}
+    train_loader = DataLoader(train_ds, batch_size=tc.batch_size, sampler=sampler,
+                              pin_memory=device.type == "cuda",
+                              generator=torch.Generator().manual_seed(cfg.experiment.seed), **loader_kw)
+    val_loader = DataLoader(val_ds, batch_size=max(tc.batch_size, 16), shuffle=False,
+                            generator=torch.Generator().manual_seed(cfg.experiment.seed + 1), **loader_kw)
     steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda_factory(tc.warmup_epochs * steps_per_epoch, tc.epochs * steps_per_epoch,
@@ -503,11 +613,18 @@ def train(
         pred = predict_batches(model, val_loader, device, tc.amp, cfg.experiment.seed,
                                cfg.diffusion.num_samples if cfg.model.fusion == "diffusion" else 1)
         val_stats = validation_metrics(cfg.data.task, pred)
+        if tc.monitor == SUBSET_METRICS[cfg.data.task]:
+            val_stats[tc.monitor] = subset_validation(model, val_loader, device, tc.amp, cfg.experiment.seed)
         record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **train_stats, **val_stats,
-                  "seconds": time.perf_counter() - t_epoch}
+                  "seconds": time.perf_counter() - t_epoch, "threads": torch.get_num_threads()}
         history.append(record)
         current = val_stats[tc.monitor]
-        improved = current > best_metric if mode == "max" else current < best_metric
+        if tc.selection == "last":  # fixed schedule: the newest epoch is always the selected one
+            improved = True
+        elif math.isnan(current):  # an undefined metric never counts as an improvement
+            improved = False
+        else:
+            improved = current > best_metric if mode == "max" else current < best_metric
         if improved or best_epoch < 0:
             best_metric, best_epoch, bad_epochs = current, epoch, 0
         else:
@@ -524,7 +641,7 @@ def train(
                 save_checkpoint(best_path, payload(epoch, bank_now))
             save_checkpoint(last_path, payload(epoch, bank_now))
         barrier(dist_info)
-        if bad_epochs > tc.early_stopping_patience:
+        if tc.selection == "best" and bad_epochs > tc.early_stopping_patience:
             if main:
                 log.info("early stopping after epoch %d (%s did not improve for %d epochs)",
                          epoch + 1, tc.monitor, bad_epochs)
@@ -586,7 +703,9 @@ def train_fusions(
             cfg, model=dataclasses.replace(cfg.model, fusion=cfg.training.stage1_fusion),
             training=dataclasses.replace(cfg.training, epochs=cfg.training.encoder_epochs,
                                          warmup_epochs=min(cfg.training.warmup_epochs,
-                                                           cfg.training.encoder_epochs // 3)),
+                                                           cfg.training.encoder_epochs // 3),
+                                         monitor=cfg.training.encoder_monitor or cfg.training.monitor,
+                                         selection=cfg.training.encoder_selection or cfg.training.selection),
         )
         results["encoders"] = train(c1, out_dir / "encoders", cohort=cohort, show_progress=show_progress)
         encoder_ckpt = results["encoders"].best_path
