@@ -1,0 +1,145 @@
+"""The research experiment end to end on a tiny cohort: deterministic rerun, resume of a killed
+sweep (nothing finished is recomputed, same verdict), refusal of changed settings, and the parts
+(split sizes, dedicated subsets, decoupled diffusion training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "sweep.n_train=16", "sweep.n_val=8", "sweep.n_test=16", "data.synth_shape=[32,32,24]",
+    "preprocessing.target_shape=[16,16,16]", "sweep.stage1_epochs=1", "sweep.steps=15",
+    "sweep.diffusion_steps=15", "sweep.seeds=[0,1]", "sweep.n_boot=40", "sweep.workers=1",
+    "sweep.threads=1", "sweep.samples=2", "diffusion.num_inference_steps=2",
+    "sweep.methods=[attention,mean,regressor,diffusion,oracle_full,oracle_hidden]",
+]
+
+
+def _cmd(out: Path, cohort: Path, extra=()) -> list[str]:
+    args = [sys.executable, "-m", "ClinFuseDiffCore.cli", "experiment", "--out", str(out), "--no-progress"]
+    for s in [*TINY, f"data.root={cohort}", *extra]:
+        args += ["--set", s]
+    return args
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from ClinFuseDiffCore.data.synth import generate_cohort
+
+    root = tmp_path_factory.mktemp("exp") / "cohort"
+    generate_cohort(root, 40, shape=(32, 32, 24), seed=3, site_shift="mild", progress=False)
+    return root
+
+
+def _numbers(results: dict) -> dict:
+    """results.json without timings and paths."""
+    r = dict(results)
+    for k in ("wall_seconds", "data_seconds", "settings"):
+        r.pop(k, None)
+    for m in r["diagnostics"].values():
+        m.pop("train_seconds_mean", None)
+    return r
+
+
+@pytest.mark.slow
+def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    done = subprocess.run(_cmd(a, cohort), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res_a = json.loads((a / "results.json").read_text())
+    assert res_a["schema"] == "clinfusediff.experiment/1"
+    assert res_a["n_patients"] == {"train": 16, "val": 8, "test": 16}
+    v = res_a["verdict"]["methods"]
+    assert set(v) == {"attention", "mean", "regressor", "diffusion", "oracle_full", "oracle_hidden"}
+    for m in v.values():
+        for s in ("mean_over_subsets", "p10_over_subsets", "mean_singletons", "full_set", "hurt_rate"):
+            x = m["summaries"][s]
+            assert x["low"] <= x["value"] <= x["high"], (s, x)
+    assert v["attention"]["summaries"]["mean_over_subsets"]["diff_vs_reference"]["value"] == 0.0
+
+    # Kill a second run after its first method unit is written, then continue it.
+    proc = subprocess.Popen(_cmd(b, cohort), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    first = b / "s1_0" / "attention" / "seed0.npz"
+    t0 = time.time()
+    while not first.exists() and proc.poll() is None and time.time() - t0 < 500:
+        time.sleep(0.2)
+    assert first.exists(), "the sweep never wrote its first unit"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (b / "results.json").exists()
+    before = {p: p.stat().st_mtime_ns for p in b.rglob("*.npz")} | {p: p.stat().st_mtime_ns for p in b.rglob("*.pt")}
+    assert before and not list(b.rglob("*.tmp")), "a killed run must leave only whole files"
+    done = subprocess.run(_cmd(b, cohort), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reused" in done.stderr
+    for p, t in before.items():
+        assert p.stat().st_mtime_ns == t, f"{p} was recomputed"
+    res_b = json.loads((b / "results.json").read_text())
+    # Same command, same seed: the same numbers (an uninterrupted run vs a killed-and-resumed one).
+    assert _numbers(res_a) == _numbers(res_b)
+
+    # A rerun into the same folder with other settings is refused, naming the key.
+    bad = subprocess.run(_cmd(b, cohort, ["sweep.steps=16"]), env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "sweep.steps" in bad.stderr
+
+
+def test_split_and_dedicated_subsets():
+    from ClinFuseDiffCore.evaluation.protocol import enumerate_subsets
+    from ClinFuseDiffCore.experiment.data import make_split
+    from ClinFuseDiffCore.experiment.sweep import dedicated_subsets
+
+    parts = make_split(50, 20, 10, 15, seed=1)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [20, 10, 15]
+    allidx = np.concatenate(list(parts.values()))
+    assert len(set(allidx.tolist())) == 45
+    assert (make_split(50, 20, 10, 15, seed=1)["test"] == parts["test"]).all()
+    subs = enumerate_subsets(["a", "b", "c", "d"])
+    ded = dedicated_subsets(subs, 3, seed=0)
+    sizes = [len(subs[i]) for i in ded]
+    assert sizes.count(1) == 4 and sizes.count(4) == 1 and len(ded) == 8
+
+
+def test_decoupled_diffusion_gets_no_head_gradient_and_leaves_the_teacher_untouched():
+    """The denoiser trains on the diffusion loss alone: the teacher (fusion + head) is frozen and
+    bit-identical afterwards, and the imputation moves towards the teacher's full-set fusion."""
+    from ClinFuseDiffCore.experiment.methods import FusionHead, TokenData, fit_diffusion, fit_regressor, teacher_full
+    from ClinFuseDiffCore.experiment.settings import load_research_config
+
+    cfg, sweep = load_research_config("research", ["sweep.diffusion_steps=120", "sweep.batch_size=64",
+                                                   "sweep.samples=2", "diffusion.num_inference_steps=5"])
+    torch.manual_seed(0)
+    P, M, E = 96, 7, cfg.model.embed_dim
+    tokens = torch.randn(P, M, E)
+    td = TokenData(tokens, np.ones((P, M), bool), torch.randint(0, 2, (P,)), np.arange(64))
+    teacher = FusionHead("attention", cfg, 2).eval()
+    snap = {k: v.clone() for k, v in teacher.state_dict().items()}
+    _, scorer, meta = fit_diffusion(cfg, sweep, td, 0, teacher)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in snap.items())
+    assert all(p.grad is None for p in teacher.parameters())
+    av = torch.ones(8, M, dtype=torch.bool)
+    z = scorer.impute(tokens[:8], av, torch.Generator().manual_seed(0))  # (K, 8, E)
+    zf = teacher_full(teacher, tokens[:8], av)
+    cos = torch.nn.functional.cosine_similarity(z, zf.unsqueeze(0), dim=-1).mean().item()
+    assert cos > 0.3, cos  # random vectors on the sphere: ~0
+    p, ps = scorer(tokens[:8], av, torch.Generator().manual_seed(0))
+    assert p.shape == (8,) and ps.shape == (2, 8)
+    _, rscorer, _ = fit_regressor(cfg, sweep, td, 0, teacher)
+    zr = rscorer.impute(tokens[:8], av, None)
+    assert torch.nn.functional.cosine_similarity(zr[0], zf, dim=-1).mean().item() > 0.3
