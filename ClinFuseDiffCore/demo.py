@@ -166,6 +166,27 @@ def summary_table(results: dict[str, Any], val_metric: dict[str, float], monitor
     return "\n".join(rows)
 
 
+def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUROC estimate (Hanley & McNeil 1982) for the given class sizes."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))
+
+
+def resolution_note(test_dataset, auc: float = 0.75) -> str:
+    """What the demo's test set can resolve, from its class sizes (shown under the table)."""
+    y = [int(s.target) for s in getattr(test_dataset, "samples", []) if s.target == s.target]
+    n_pos, n_neg = sum(y), len(y) - sum(y)
+    if min(n_pos, n_neg) < 1:
+        return "resolution: the test set lacks one class; no AUROC can be resolved"
+    se = hanley_mcneil_se(auc, n_pos, n_neg)
+    return (f"resolution: {len(y)} test patients ({n_pos} / {n_neg} per class). One subset's AUROC has a "
+            f"standard error of about {se:.3f} (Hanley-McNeil at AUROC {auc}), i.e. a 95% interval of "
+            f"+/-{1.96 * se:.2f}; the intervals above cover evaluation seeds only, not which patients were "
+            "tested or which training seed was used. Differences between these methods are not resolved "
+            "here: the powered comparison is `clinfusediff experiment` (README, 'Research experiment').")
+
+
 def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = True,
              say=print) -> DemoResult:
     """Run the whole demo (see the module docstring) and return what it produced.
@@ -268,6 +289,7 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
         summary_table(results, res.val_metric, cfg.training.monitor), "",
         (f"inference: patient {inf['patient_id']} without {drop}: {pred_line}; "
         f"TTT {inf['record']['ttt']}"),
+        "", resolution_note(prepared.datasets["test"]),
         "", "wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()),
         (f"torch threads {torch.get_num_threads()}, experiment.deterministic={cfg.experiment.deterministic} "
          "(numbers are reproducible for the same thread count on a CPU)"),
