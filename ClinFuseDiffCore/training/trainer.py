@@ -86,7 +86,7 @@ class TrainResult:
     best_path: Path
     last_path: Path
     best_metric: float
-    best_epoch: int
+    best_epoch: int  # 1-based, like every epoch number the trainer shows (logs, history, checkpoints)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     model: nn.Module | None = None  # the model after the last epoch (this process's copy)
@@ -412,8 +412,8 @@ def train(
         encoder_checkpoint: stage 2 of two-stage training — take (and freeze) the encoders of
             this checkpoint, cache tokens once and train the fusion + head on them.
         cohort: a prepared ``data.dataset.TrainingCohort`` (built from ``cfg`` when None).
-        stop_after_epoch: stop after this epoch index (0-based) as if interrupted — for tests
-            and time-sliced jobs; the schedule still spans ``cfg.training.epochs``.
+        stop_after_epoch: stop after this epoch (1-based, as logged) as if interrupted — for
+            tests and time-sliced jobs; the schedule still spans ``cfg.training.epochs``.
         show_progress: tqdm bars (rank 0 only).
 
     Returns:
@@ -517,7 +517,9 @@ def train(
         log.warning("training.amp=fp16 is not used on a CPU (no fp16 autocast there); training in fp32")
     mode = monitor_mode(tc.monitor)
     best_metric = -math.inf if mode == "max" else math.inf
-    start_epoch, step, best_epoch, bad_epochs = 0, 0, -1, 0
+    # Epoch numbers are 1-based everywhere they are shown or stored (log lines, history.json,
+    # checkpoints' epoch/best_epoch, TrainResult.best_epoch); `epoch` in the loop is the 0-based index.
+    start_epoch, step, best_epoch, bad_epochs = 0, 0, 0, 0
     history: list[dict[str, float]] = []
 
     # -- resume -----------------------------------------------------------------------------------
@@ -528,8 +530,10 @@ def train(
         scheduler.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
-        best_metric, best_epoch = float(ck["best_metric"]), int(ck["best_epoch"])
+        # Checkpoints without "epoch_base" predate 1-based numbering (their epoch was the index).
+        shift = 0 if int(ck.get("epoch_base", 0)) == 1 else 1
+        start_epoch, step = int(ck["epoch"]) + shift, int(ck["step"])
+        best_metric, best_epoch = float(ck["best_metric"]), int(ck["best_epoch"]) + shift
         bad_epochs, history = int(ck["bad_epochs"]), list(ck["history"])
         set_rng_state(ck["rng"])
         if main:
@@ -555,7 +559,7 @@ def train(
             "config": cfg.to_dict(), "modalities": list(cohort.modalities),
             "image_modalities": list(cohort.image_modalities),
             "tabular_state": cohort.tabular_state, "tabular_dims": cohort.tabular_dims_dict(),
-            "feature_bank": bank, "epoch": epoch, "step": step, "best_metric": best_metric,
+            "feature_bank": bank, "epoch": epoch + 1, "epoch_base": 1, "step": step, "best_metric": best_metric,
             "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
             "rng": get_rng_state(), "split": cohort.split, "stage": "fusion" if features_mode else "end_to_end",
         }
@@ -615,7 +619,7 @@ def train(
         val_stats = validation_metrics(cfg.data.task, pred)
         if tc.monitor == SUBSET_METRICS[cfg.data.task]:
             val_stats[tc.monitor] = subset_validation(model, val_loader, device, tc.amp, cfg.experiment.seed)
-        record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **train_stats, **val_stats,
+        record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], **train_stats, **val_stats,
                   "seconds": time.perf_counter() - t_epoch, "threads": torch.get_num_threads()}
         history.append(record)
         current = val_stats[tc.monitor]
@@ -625,19 +629,20 @@ def train(
             improved = False
         else:
             improved = current > best_metric if mode == "max" else current < best_metric
-        if improved or best_epoch < 0:
-            best_metric, best_epoch, bad_epochs = current, epoch, 0
+        if improved or best_epoch == 0:
+            best_metric, best_epoch, bad_epochs = current, epoch + 1, 0
         else:
             bad_epochs += 1
 
         if main:
             for k, v in record.items():
                 if k != "epoch":
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch)
-            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            log.info("epoch %d/%d: %s", epoch + 1, tc.epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             bank_now = (stage2_bank() if features_mode
                         else empty_bank(len(cohort.modalities), cfg.model.embed_dim))
-            if improved or best_epoch == epoch:
+            if improved or best_epoch == epoch + 1:
                 save_checkpoint(best_path, payload(epoch, bank_now))
             save_checkpoint(last_path, payload(epoch, bank_now))
         barrier(dist_info)
@@ -646,7 +651,7 @@ def train(
                 log.info("early stopping after epoch %d (%s did not improve for %d epochs)",
                          epoch + 1, tc.monitor, bad_epochs)
             break
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < tc.epochs - 1:
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch < tc.epochs - 1:
             interrupted = True
             break
 
