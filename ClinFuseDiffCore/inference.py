@@ -204,7 +204,7 @@ class Predictor:
                     cols = norm.numeric_columns + norm.categorical_columns
                     table = TabularTable.from_rows([row], id_column=idc, columns=None,
                                                    categorical=list(norm.categorical_columns), name=t,
-                                                   header=[idc, *cols])
+                                                   header=[idc, *cols], quiet=True)
                     f = norm.transform([pid], table)
                     available[b, self.modalities.index(t)] = True
                 else:

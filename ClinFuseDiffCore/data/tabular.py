@@ -4,7 +4,9 @@
   column exists, IDs are non-empty, unique and safe file names, declared columns exist, numeric
   columns hold finite numbers. A column is categorical when declared so or when any of its
   non-missing values is not a number (logged). Missing values are empty cells or one of
-  ``NA, N/A, NaN, null, None`` (any case).
+  ``NA, N/A, NaN, null, None`` (any case). Table-level messages (a column empty in every
+  training row) are logged once per table, by ``TabularNormalizer.fit``; reading one patient's
+  row at inference (``from_rows(..., quiet=True)``) logs nothing.
 * :class:`TabularNormalizer` is fitted on the **training IDs only**: mean/std of each numeric
   column and the category vocabulary of each categorical column. Its state is a plain dict
   (stored in checkpoints). ``transform(ids)`` gives ``{"num": (N, F_num) float32 standardised, 0
@@ -171,8 +173,12 @@ class TabularTable:
     def from_rows(cls, rows: Sequence[Mapping[str, Any]], id_column: str = "patient_id",
                   columns: Optional[Sequence[str]] = None, categorical: Sequence[str] = (),
                   name: str = "tabular", source: str = "<rows>",
-                  header: Optional[Sequence[str]] = None) -> "TabularTable":
-        """The same validation for rows given as dicts (e.g. one patient typed in at inference)."""
+                  header: Optional[Sequence[str]] = None, quiet: bool = False) -> "TabularTable":
+        """The same validation for rows given as dicts (e.g. one patient typed in at inference).
+
+        ``quiet=True`` (the Predictor's one-row inputs) logs no table summary: an empty cell of
+        one patient is a missing value, not a finding about the table.
+        """
         if header is None:
             header = list(dict.fromkeys(k for r in rows for k in r))
         keep, ids, skips = _ids(source, header, rows, id_column, f"tabular file of {name!r}")
@@ -196,15 +202,14 @@ class TabularTable:
         for c in cols:
             values = [r.get(c) for r in kept]
             present = [v for v in values if not is_missing(v)]
-            if not present:
-                log.warning("%s: column %r is empty in every row; it carries no information", source, c)
             if c in categorical:
                 cat_cols.append(c)
                 continue
             non_num = [v for v in present if _as_float(v) is None]
             if non_num:
-                log.info("%s: column %r treated as categorical (non-numeric values such as %r)",
-                         source, c, non_num[0])
+                if not quiet:
+                    log.info("%s: column %r treated as categorical (non-numeric values such as %r)",
+                             source, c, non_num[0])
                 cat_cols.append(c)
             else:
                 num_cols.append(c)
@@ -226,8 +231,9 @@ class TabularTable:
                 categ[i, j] = None if is_missing(v) else str(v).strip()
         missing_frac = (np.isnan(numeric).sum() + sum(v is None for v in categ.flat)) / max(
             1, len(kept) * len(cols))
-        log.info("%s: %d patients, %d numeric + %d categorical columns of %r, %.1f%% missing cells",
-                 source, len(ids), len(num_cols), len(cat_cols), name, 100 * missing_frac)
+        if not quiet:
+            log.info("%s: %d patients, %d numeric + %d categorical columns of %r, %.1f%% missing "
+                     "cells", source, len(ids), len(num_cols), len(cat_cols), name, 100 * missing_frac)
         return cls(name=name, source=source, id_column=id_column, ids=ids, numeric_columns=num_cols,
                    categorical_columns=cat_cols, numeric=numeric, categorical=categ, skips=skips)
 
@@ -299,6 +305,12 @@ class TabularNormalizer:
         self.vocab = {}
         for j, c in enumerate(t.categorical_columns):
             self.vocab[c] = sorted({v for v in t.categorical[rows, j] if v is not None})
+        empty = [c for c, n in zip(t.numeric_columns, count) if n == 0]
+        empty += [c for c in t.categorical_columns if not self.vocab[c]]
+        if empty:  # one line per table, at fit time
+            log.warning("%s: column(s) %s of %r are empty in every one of the %d training rows; they "
+                        "carry no information (drop them from data.tabular.%s.columns)", t.source,
+                        empty, t.name, len(rows), t.name)
         return self
 
     def dims(self) -> TabularDims:

@@ -95,8 +95,9 @@ def test_constant_and_empty_columns_do_not_divide_by_zero(tmp_path, caplog):
     path = _write(tmp_path, "patient_id,c,e\na,5,\nb,5,\n")
     with caplog.at_level(logging.WARNING):
         t = TabularTable.from_csv(path)
-    assert any("'e' is empty in every row" in r.getMessage() for r in caplog.records)
-    f = TabularNormalizer(t).fit(["a", "b"]).transform(["a"])
+        f = TabularNormalizer(t).fit(["a", "b"]).transform(["a"])
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "['e']" in warned[0] and "training rows" in warned[0], warned
     assert np.isfinite(f["num"]).all()
     np.testing.assert_array_equal(f["num"], [[0.0, 0.0]])
     np.testing.assert_array_equal(f["num_missing"], [[0.0, 1.0]])
@@ -144,3 +145,25 @@ def test_read_outcomes(tmp_path):
         read_outcomes(_write(tmp_path, "patient_id,survival_months,event\na,-3,1\n", "o5.csv"), task="survival")
     with pytest.raises(ValueError, match=r"needs columns \['survival_months', 'event'\]"):
         read_outcomes(_write(tmp_path, "patient_id,label\na,1\n", "o6.csv"), task="survival")
+
+
+def test_one_row_inputs_log_nothing_and_table_warnings_come_once_at_fit(tmp_path, caplog):
+    """Issue 14 item 4: a patient's empty cells at inference are missing values, not table
+    findings (a cohort run logged one warning per empty cell per patient: 431,656 lines)."""
+    rows = "".join(f"p{i},{60 + i},,{'' if i % 2 else 'x'}\n" for i in range(40))
+    path = _write(tmp_path, "patient_id,age,empty1,half\n" + rows)
+    with caplog.at_level(logging.DEBUG, logger="ClinFuseDiffCore"):
+        t = TabularTable.from_csv(path)
+        norm = TabularNormalizer(t).fit([f"p{i}" for i in range(30)])
+        state = norm.state_dict()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "empty1" in warned[0] and "half" not in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="ClinFuseDiffCore"):
+        for i in range(30, 40):  # ten one-row inputs, each with empty cells, as the Predictor reads them
+            one = TabularTable.from_rows([{"patient_id": f"p{i}", "age": "", "empty1": "", "half": ""}],
+                                         header=["patient_id", "age", "empty1", "half"],
+                                         categorical=["half"], quiet=True)
+            f = TabularNormalizer.from_state(state).transform([f"p{i}"], one)
+            assert f["num_missing"].tolist() == [[1.0, 1.0]]
+    assert caplog.records == []
