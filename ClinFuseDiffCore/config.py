@@ -178,7 +178,10 @@ class TrainingConfig:
     # the full modality set (val_auroc, val_c_index, ...) or averaged over every non-empty modality
     # subset of the validation patients (val_mean_subsets_auroc / _c_index / _mae), the way the
     # all-subsets evaluation scores a model (diffusion: deterministic DDIM eta=0, K=1, fixed seed).
-    monitor: str = "val_auroc"
+    # Task-independent names, resolved by `load_config` (the saved config shows the result):
+    # "auto" = the task's subset mean (val_mean_subsets_auroc | _c_index | _mae), "auto_full_set"
+    # = the task's full-set metric (val_auroc | val_c_index | val_mae). See TASK_MONITORS.
+    monitor: str = "auto"
     # Monitor of stage 1 (encoder training) of two_stage; null = `monitor`.
     encoder_monitor: Optional[str] = None
     # best: keep the epoch with the best monitor (+ early stopping); last: fixed schedule, the final
@@ -232,6 +235,34 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         return _build(cls, d, "")
+
+
+# Task-independent monitor names -> the metric used for each task (trainer.VAL_METRICS lists them).
+TASK_MONITORS: dict[str, dict[str, str]] = {
+    "auto": {"classification": "val_mean_subsets_auroc", "survival": "val_mean_subsets_c_index",
+             "regression": "val_mean_subsets_mae"},
+    "auto_full_set": {"classification": "val_auroc", "survival": "val_c_index",
+                      "regression": "val_mae"},
+}
+
+
+def resolve_monitor(name: Optional[str], task: str) -> Optional[str]:
+    """``auto`` / ``auto_full_set`` -> the task's metric name; any other name is returned as is
+    (the trainer checks it against the task's metrics and names the allowed ones)."""
+    if name in TASK_MONITORS:
+        return TASK_MONITORS[name][task]
+    return name
+
+
+def resolve_task_defaults(cfg: "Config") -> "Config":
+    """The config with task-dependent settings resolved (``training.monitor``,
+    ``training.encoder_monitor``); a copy when anything changes."""
+    tc = cfg.training
+    mon = resolve_monitor(tc.monitor, cfg.data.task)
+    enc = resolve_monitor(tc.encoder_monitor, cfg.data.task)
+    if mon == tc.monitor and enc == tc.encoder_monitor:
+        return cfg
+    return dataclasses.replace(cfg, training=dataclasses.replace(tc, monitor=mon, encoder_monitor=enc))
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +407,11 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
 def load_config(
     path: str | os.PathLike | None = None, overrides: Optional[list[str]] = None
 ) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Task-dependent names are resolved (``training.monitor: auto`` -> ``val_mean_subsets_c_index``
+    for ``data.task: survival``; see ``resolve_task_defaults``).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         p = resolve_config_path(path)
@@ -386,7 +421,7 @@ def load_config(
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         raw = loaded
     raw = apply_overrides(raw, list(overrides or []))
-    return Config.from_dict(raw)
+    return resolve_task_defaults(Config.from_dict(raw))
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

@@ -139,3 +139,32 @@ def test_atomic_write_text_is_utf8_whatever_the_locale(tmp_path):
            "PYTHONCOERCECLOCALE": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert (tmp_path / "u.md").read_text(encoding="utf-8") == "AUROC \u2191"
+
+
+@pytest.mark.parametrize("name", ["demo", "default", None])
+@pytest.mark.parametrize("task, subset_metric, full_metric", [
+    ("classification", "val_mean_subsets_auroc", "val_auroc"),
+    ("survival", "val_mean_subsets_c_index", "val_c_index"),
+    ("regression", "val_mean_subsets_mae", "val_mae"),
+])
+def test_default_monitors_follow_the_task(name, task, subset_metric, full_metric, tmp_path):
+    """Issue 14 item 1: `--config demo data.task=survival` stopped with "training.monitor=
+    'val_auroc' is not a validation metric of task 'survival'"; the shipped defaults now name the
+    task's metric, and the resolved (saved) config says which one."""
+    from ClinFuseDiffCore.config import save_config
+    from ClinFuseDiffCore.training.trainer import VAL_METRICS
+
+    cfg = load_config(name, [f"data.task={task}"])
+    tc = cfg.training
+    assert tc.monitor in VAL_METRICS[task]
+    assert tc.encoder_monitor is None or tc.encoder_monitor in VAL_METRICS[task]
+    if name == "demo":
+        assert (tc.monitor, tc.encoder_monitor) == (subset_metric, full_metric)
+    if name == "default":
+        assert tc.monitor == full_metric
+    if name is None:
+        assert tc.monitor == subset_metric
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "c.yaml").read_text(encoding="utf-8"))
+    assert saved["training"]["monitor"] == tc.monitor
+    # an explicit choice is kept as given (and still checked by the trainer)
+    assert load_config(name, [f"data.task={task}", "training.monitor=val_loss"]).training.monitor == "val_loss"

@@ -421,10 +421,12 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from ..config import resolve_task_defaults
     from ..data.dataset import FeatureDataset, ModalityDropout, collate, prepare_cohort
     from ..models import build_model
 
     t_start = time.perf_counter()
+    cfg = resolve_task_defaults(cfg)  # monitor "auto" -> the task's metric (saved in config.yaml)
     tc = cfg.training
     out_dir = Path(out_dir)
     if tc.encoder_monitor is not None and tc.encoder_monitor not in VAL_METRICS[cfg.data.task]:
@@ -696,6 +698,9 @@ def train_fusions(
 
     from ..data.dataset import prepare_cohort
 
+    from ..config import resolve_task_defaults
+
+    cfg = resolve_task_defaults(cfg)
     out_dir = Path(out_dir)
     fusions = list(fusions or cfg.training.fusions)
     owns_group = not torch.distributed.is_initialized()
