@@ -5,20 +5,23 @@ checkpoint, then runs ``PythonSlicer -m ClinFuseDiffCore.cli infer ...`` in a ca
 subprocess — the same command as in the shell — and loads what it writes: a ``.seg.nrrd``
 segmentation (shown over the input) and ``prediction.json`` (shown as a table).
 
+The MRML work (volume nodes -> files, the command line, the ``.seg.nrrd`` into a segmentation
+node, ``prediction.json`` into a table node) lives in the Qt-free ``ClinFuseDiffLib`` package
+beside this file, which also runs on ``slicer-core`` (tests, the trame-slicer web app); this file
+keeps the Slicer-application glue: parameter node, Widget, PythonSlicer, QTimer, layout,
+dependency installation and the self-test.
+
 Nothing here imports torch or ClinFuseDiffCore at module load; torch is installed through the
 PyTorch extension (PyTorchUtils) and the other packages from ``Resources/requirements.txt``, both
 only on first use and after asking.
 """
 
-import json
 import logging
 import os
 import pathlib
-import queue
 import re
 import shutil
 import tempfile
-import threading
 import time
 from enum import Enum
 from typing import Annotated, Callable, Optional
@@ -37,15 +40,20 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# (ClinFuseDiffCore modality name, parameter-node key) in the order the selectors are shown.
-MODALITIES = [
-    ("mri_t1", "t1"),
-    ("mri_t1ce", "t1ce"),
-    ("mri_t2", "t2"),
-    ("mri_flair", "flair"),
-    ("ct", "ct"),
-    ("pet", "pet"),
-]
+# The Qt-free part of the module (MRML work, the command, its output), shared with the web app.
+from ClinFuseDiffLib.common import (  # noqa: F401  (re-exported for scripts and the self-test)
+    MODALITIES,
+    InferenceSettings,
+    corePythonPath,
+    matchModalityName,
+    parseClinicalValues,
+    parseProgressLine,
+    predictionTableRows,
+    tinyTrainArguments,
+)
+from ClinFuseDiffLib.common import pathOrNone as _pathOrNone
+from ClinFuseDiffLib.common import useFlagName as _useFlagName
+from ClinFuseDiffLib.logic import ClinFuseDiffMRMLLogic
 
 # Low-memory warning threshold for the GPU, in GiB.
 LOW_GPU_MEMORY_GB = 7.0
@@ -142,111 +150,6 @@ class ClinFuseDiffParameterNode:
     outputFolder: pathlib.Path
 
 
-def _useFlagName(key: str) -> str:
-    """``t1ce`` -> ``useT1ce`` (the parameter-node availability flag of a modality key)."""
-    return "use" + key[0].upper() + key[1:]
-
-
-def _pathOrNone(path) -> Optional[pathlib.Path]:
-    """An unset ctkPathLineEdit reads as '' or '.'; return None for those."""
-    if path is None:
-        return None
-    text = str(path).strip()
-    return None if text in ("", ".") else pathlib.Path(text)
-
-
-def matchModalityName(name: str) -> Optional[str]:
-    """The modality key (``t1``, ``t1ce``, ``t2``, ``flair``, ``ct``, ``pet``) a volume name suggests.
-
-    Examples: ``BraTS2021_00001_t1ce`` -> ``t1ce``; ``T1_post_Gd`` -> ``t1ce``; ``sub-01_T1w`` -> ``t1``;
-    ``T2-FLAIR`` -> ``flair``; ``CT head`` -> ``ct``; ``FDG PET`` -> ``pet``; ``Segmentation`` -> None.
-    """
-    n = name.lower()
-    if "flair" in n:
-        return "flair"
-    if re.search(r"t1[\W_]*(ce|c|gd|post|contrast)(?![a-z])", n) or re.search(r"(^|[\W_])(gad|gado)", n):
-        return "t1ce"
-    if re.search(r"(^|[^a-z0-9])t1(w|[^a-z0-9]|$)", n) or re.search(r"t1(w|_|$)", n):
-        return "t1"
-    if re.search(r"(^|[^a-z0-9])t2(w|[^a-z0-9]|$)", n) or re.search(r"t2(w|_|$)", n):
-        return "t2"
-    if re.search(r"(^|[^a-z])(pet|fdg|suv)([^a-z]|$)", n):
-        return "pet"
-    if re.search(r"(^|[^a-z])(ct|cta|ncct)([^a-z]|$)", n):
-        return "ct"
-    return None
-
-
-def parseClinicalValues(text: str) -> dict:
-    """``"age=63; sex=M"`` -> ``{"age": "63", "sex": "M"}``; raise ValueError on a malformed pair."""
-    values = {}
-    for part in re.split(r"[;\n]", text or ""):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" not in part:
-            raise ValueError(_("Clinical value '{part}' is not of the form name=value (e.g. age=63).").format(part=part))
-        name, value = (piece.strip() for piece in part.split("=", 1))
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ .-]*", name):
-            raise ValueError(_("Clinical variable name '{name}' is not allowed; use letters, digits and _.").format(name=name))
-        if name in values:
-            raise ValueError(_("Clinical variable '{name}' is given twice.").format(name=name))
-        if "," in value or '"' in value:
-            raise ValueError(_("Clinical value of '{name}' must not contain ',' or quotes.").format(name=name))
-        values[name] = value
-    return values
-
-
-def tinyTrainArguments(folder) -> list:
-    """``clinfusediff train`` arguments for the self-test's tiny checkpoint (synthetic cohort, CPU, ~1 min)."""
-    return ["train", "--config", "demo", "--out", str(folder), "--no-progress",
-            "experiment.device=cpu", "data.synth_patients=16", "data.synth_shape=[40,40,32]",
-            "preprocessing.target_shape=[24,24,24]", "preprocessing.spacing=[4.0,4.0,4.0]",
-            "model.encoder_widths=[8,8,16,16]", "model.embed_dim=32", "training.epochs=2",
-            "training.batch_size=4", "diffusion.num_inference_steps=4"]
-
-
-def predictionTableRows(record: dict) -> list:
-    """``prediction.json`` record -> rows (section, name, value, 95 % lower, 95 % upper).
-
-    A quantity without an interval (e.g. a non-predicted class of a record with
-    ``interval_method: normal``) gets NaN bounds.
-    """
-    nan = float("nan")
-
-    def bounds(interval) -> tuple:
-        return tuple(interval) if interval is not None else (nan, nan)
-
-    rows = []
-    pred = record.get("prediction", {})
-    task = record.get("task")
-    if task == "classification":
-        top = pred["predicted_class"]
-        intervals = pred.get("probability_interval") or {}
-        rows.append(("prediction", top, pred["probabilities"][top], *bounds(intervals.get(top))))
-        for name in pred["class_names"]:
-            rows.append(("probability", name, pred["probabilities"][name], *bounds(intervals.get(name))))
-    else:
-        key = "risk" if task == "survival" else "value"
-        rows.append(("prediction", key, pred[key], *bounds(pred.get(f"{key}_interval"))))
-    for name, value in (record.get("uncertainty") or {}).items():
-        rows.append(("uncertainty", name, nan if value is None else value, nan, nan))
-    for name, value in (record.get("contributions") or {}).items():
-        rows.append(("contribution", name, value, nan, nan))
-    for name in (record.get("modalities") or {}).get("missing", []):
-        rows.append(("missing", name, nan, nan, nan))
-    return rows
-
-
-def parseProgressLine(line: str) -> Optional[tuple]:
-    """``"PROGRESS 40 preprocess"`` (printed by ``clinfusediff infer``) -> ``(40, "preprocess")``."""
-    m = re.match(r"^PROGRESS\s+(\d{1,3})\s*(.*)$", line.strip())
-    if not m:
-        return None
-    return min(100, int(m.group(1))), m.group(2)
-
-
-#
 # ClinFuseDiffWidget
 #
 
@@ -421,7 +324,9 @@ class ClinFuseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
-    """All computation; usable without the Widget (from the Python console or a script).
+    """The module's Logic: parameter node, Slicer-application glue, and the MRML work of
+    ``ClinFuseDiffLib.logic.ClinFuseDiffMRMLLogic`` (Qt-free, shared with the web app) on
+    ``slicer.mrmlScene``. Usable without the Widget (from the Python console or a script).
 
     Example::
 
@@ -438,16 +343,22 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._proc = None
+        self._mrmlLogic = None
         self._timer = None
-        self._queue = None
-        self._reader = None
         self._job = None
+        self._jobInfo = None
         self._lastJob = None
         self.wasCancelled = False
 
     def getParameterNode(self):
         return ClinFuseDiffParameterNode(super().getParameterNode())
+
+    @property
+    def mrmlLogic(self) -> ClinFuseDiffMRMLLogic:
+        """The Qt-free MRML logic on Slicer's scene, with Slicer's own segmentations logic."""
+        if self._mrmlLogic is None or self._mrmlLogic.scene is not slicer.mrmlScene:
+            self._mrmlLogic = ClinFuseDiffMRMLLogic(slicer.mrmlScene, slicer.modules.segmentations.logic())
+        return self._mrmlLogic
 
     # ------------------------------------------------------------------ environment
     @staticmethod
@@ -456,15 +367,8 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
 
     @classmethod
     def corePythonPath(cls) -> pathlib.Path:
-        """The folder that holds the ClinFuseDiffCore package.
-
-        Installed extension: ``qt-scripted-modules/ClinFuseDiffCore`` beside this file. Source
-        tree (Additional module paths = ``<repo>/ClinFuseDiff``): ``<repo>/ClinFuseDiffCore``.
-        """
-        for candidate in (cls.moduleDir(), cls.moduleDir().parent):
-            if (candidate / "ClinFuseDiffCore" / "__init__.py").exists():
-                return candidate
-        raise RuntimeError(_("ClinFuseDiffCore was not found next to {path} or in its parent folder; reinstall the extension.").format(path=cls.moduleDir()))
+        """The folder that holds the ClinFuseDiffCore package (beside the module or its parent)."""
+        return corePythonPath(cls.moduleDir())
 
     @classmethod
     def subprocessEnvironment(cls) -> dict:
@@ -483,6 +387,11 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         if not exe:
             raise RuntimeError(_("The PythonSlicer executable was not found on PATH; run this inside 3D Slicer."))
         return exe
+
+    @staticmethod
+    def launchProcess(cmd: list, environment: dict):
+        """Start a subprocess in Slicer's startup environment (not Slicer's own, modified one)."""
+        return slicer.util.launchConsoleProcess(cmd, updateEnvironment=environment)
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
         """Install torch (through the PyTorch extension) and the packages of requirements.txt, if missing.
@@ -586,12 +495,7 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         matched = {}
         if parameterNode is None:
             return matched
-        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
-            if node.IsA("vtkMRMLLabelMapVolumeNode"):
-                continue
-            key = matchModalityName(node.GetName())
-            if key is None or key in matched:
-                continue
+        for key, node in self.mrmlLogic.matchVolumesByName().items():
             if overwrite or getattr(parameterNode, f"{key}Volume") is None:
                 setattr(parameterNode, f"{key}Volume", node)
                 setattr(parameterNode, _useFlagName(key), True)
@@ -607,6 +511,17 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
                 volumes[name] = node
         return volumes
 
+    @staticmethod
+    def settings(parameterNode) -> InferenceSettings:
+        """The parameter node's choices as the settings the shared logic and the command take."""
+        return InferenceSettings(
+            checkpoint=_pathOrNone(parameterNode.checkpointPath), useTTT=parameterNode.useTTT,
+            tttSteps=parameterNode.tttSteps, numSamples=parameterNode.numSamples,
+            device=parameterNode.device.value, useClinical=parameterNode.useClinical,
+            clinicalCsv=_pathOrNone(parameterNode.clinicalCsvPath),
+            clinicalPatientId=parameterNode.clinicalPatientId, clinicalValues=parameterNode.clinicalValues,
+            outputFolder=_pathOrNone(parameterNode.outputFolder))
+
     def inputProblem(self, parameterNode) -> Optional[str]:
         """Why Apply cannot run yet (a sentence for the tooltip), or None when it can."""
         for name, key in MODALITIES:
@@ -614,76 +529,11 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
                 return _("{mod} is ticked but no volume is selected.").format(mod=name)
         if not self.selectedVolumes(parameterNode):
             return _("Select and tick at least one image volume.")
-        ckpt = _pathOrNone(parameterNode.checkpointPath)
-        if ckpt is None:
-            return _("Choose a checkpoint file.")
-        if not ckpt.is_file():
-            return _("Checkpoint {path} does not exist.").format(path=ckpt)
-        if parameterNode.useClinical:
-            csv = _pathOrNone(parameterNode.clinicalCsvPath)
-            if csv is None and not parameterNode.clinicalValues.strip():
-                return _("Clinical is ticked: give a CSV file and patient ID, or type values.")
-            if csv is not None and not parameterNode.clinicalPatientId.strip():
-                return _("Give the patient ID of the CSV row.")
-        return None
-
-    @staticmethod
-    def writeVolume(node, path: pathlib.Path) -> None:
-        """Write a volume without changing the node's own storage node (as SlicerTotalSegmentator does)."""
-        if node.GetParentTransformNode() is not None:
-            raise ValueError(_("Volume '{name}' is under a transform. Harden the transform (Data module, right-click, Harden transform) and try again.").format(name=node.GetName()))
-        storageNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        storageNode.SetFileName(str(path))
-        storageNode.UseCompressionOff()
-        ok = storageNode.WriteData(node)
-        storageNode.UnRegister(None)
-        if not ok:
-            raise RuntimeError(_("Could not write volume '{name}' to {path}.").format(name=node.GetName(), path=path))
-
-    def buildCommand(self, parameterNode, workDir: pathlib.Path, outputDir: pathlib.Path) -> tuple:
-        """Write the inputs to ``workDir`` and return (command line, environment additions)."""
-        problem = self.inputProblem(parameterNode)
-        if problem:
-            raise ValueError(problem)
-        inputDir = workDir / "input"
-        inputDir.mkdir(parents=True, exist_ok=True)
-        cmd = [self.pythonSlicerExecutable(), "-m", "ClinFuseDiffCore.cli", "infer",
-               "--checkpoint", str(_pathOrNone(parameterNode.checkpointPath))]
-        volumes = self.selectedVolumes(parameterNode)
-        for name, node in volumes.items():
-            path = inputDir / f"{name}.nrrd"
-            self.writeVolume(node, path)
-            cmd += ["--modality", f"{name}={path}"]
-        # The segmentation is written on the grid of the first selected volume: the reference
-        # geometry the results are shown with.
-        cmd += ["--reference", next(iter(volumes))]
-        if parameterNode.useClinical:
-            csv = _pathOrNone(parameterNode.clinicalCsvPath)
-            if csv is not None:
-                cmd += ["--clinical", str(csv), "--id", parameterNode.clinicalPatientId.strip()]
-            else:
-                values = parseClinicalValues(parameterNode.clinicalValues)
-                pid = parameterNode.clinicalPatientId.strip() or "patient"
-                csvPath = inputDir / "clinical.csv"
-                csvPath.write_text(",".join(["patient_id", *values]) + "\n" + ",".join([pid, *values.values()]) + "\n", encoding="utf-8")
-                cmd += ["--clinical", str(csvPath), "--id", pid, "--id-column", "patient_id"]
-        if not parameterNode.useTTT:
-            cmd += ["--no-ttt"]
-        elif parameterNode.tttSteps > 0:
-            cmd += ["--ttt-steps", str(parameterNode.tttSteps)]
-        cmd += ["--samples", str(parameterNode.numSamples)]
-        device = parameterNode.device.value
-        env = self.subprocessEnvironment()
-        if device == "auto":
-            device = "cuda" if self.detectDevice()["cuda"] else "cpu"
-        if device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = "-1"
-        cmd += ["--device", device, "--out", str(outputDir)]
-        return cmd, env
+        return self.settings(parameterNode).problem()
 
     # ------------------------------------------------------------------ running
     def isRunning(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._job is not None
 
     def process(self, parameterNode, waitForCompletion: bool = True,
                 logCallback: Optional[Callable[[str], None]] = None,
@@ -703,25 +553,17 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         """
         if self.isRunning():
             raise RuntimeError(_("An inference is already running; cancel it first."))
+        problem = self.inputProblem(parameterNode)
+        if problem:
+            raise ValueError(problem)
         self.wasCancelled = False
-        keepFolder = _pathOrNone(parameterNode.outputFolder)
-        workDir = pathlib.Path(tempfile.mkdtemp(prefix="ClinFuseDiff-", dir=slicer.app.temporaryPath))
-        outputDir = keepFolder if keepFolder is not None else workDir / "output"
-        try:
-            cmd, env = self.buildCommand(parameterNode, workDir, outputDir)
-        except Exception:
-            shutil.rmtree(workDir, ignore_errors=True)
-            raise
-        referenceVolume = next(iter(self.selectedVolumes(parameterNode).values()))
-        self._job = dict(parameterNode=parameterNode, workDir=workDir, outputDir=outputDir,
-                         referenceVolume=referenceVolume, logCallback=logCallback,
-                         progressCallback=progressCallback, completedCallback=completedCallback,
-                         lines=[], startTime=time.time())
-        logging.info("ClinFuseDiff: running " + " ".join(cmd))
-        self._proc = slicer.util.launchConsoleProcess(cmd, updateEnvironment=env)
-        self._queue = queue.Queue()
-        self._reader = threading.Thread(target=self._readOutput, args=(self._proc, self._queue), daemon=True)
-        self._reader.start()
+        self._job = self.mrmlLogic.startInference(
+            self.selectedVolumes(parameterNode), self.settings(parameterNode),
+            pythonExecutable=self.pythonSlicerExecutable(), environment=self.subprocessEnvironment(),
+            launcher=self.launchProcess, workDir=slicer.app.temporaryPath,
+            segmentationNode=parameterNode.outputSegmentation, tableNode=parameterNode.outputTable)
+        self._jobInfo = dict(parameterNode=parameterNode, logCallback=logCallback,
+                             progressCallback=progressCallback, completedCallback=completedCallback)
         if waitForCompletion:
             while self._poll():
                 slicer.app.processEvents()
@@ -735,154 +577,53 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
             self._timer.timeout.connect(self._poll)
             self._timer.start()
 
-    @staticmethod
-    def _readOutput(proc, outQueue) -> None:
-        """Reader thread: forward each output line to the queue (the GUI thread reads it)."""
-        while True:
-            try:
-                line = proc.stdout.readline()
-            except UnicodeDecodeError:
-                continue
-            if not line:
-                break
-            outQueue.put(line.rstrip())
-
-    def _emit(self, line: str) -> None:
-        job = self._job
-        job["lines"].append(line)
-        progress = parseProgressLine(line)
-        if progress is not None:
-            if job["progressCallback"]:
-                job["progressCallback"](*progress)
-            return
-        if job["logCallback"]:
-            job["logCallback"](line)
-        else:
-            logging.info(line)
-
     def _poll(self) -> bool:
-        """Forward queued output; when the process has ended, load the results. True while running."""
-        while True:
-            try:
-                self._emit(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        if self._proc.poll() is None or self._reader.is_alive():
+        """Forward output and progress; when the process has ended, load the results. True while running."""
+        info = self._jobInfo
+        if self._job.poll(info["logCallback"] or logging.info, info["progressCallback"]):
             return True
-        self._finish(self._proc.returncode)
+        self._finish()
         return False
 
-    def _finish(self, returnCode: int) -> None:
+    def _finish(self) -> None:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        job, self._job = self._job, None
-        self._proc = None
-        error = None
-        if self.wasCancelled:
-            returnCode = returnCode or -1
-            error = _("Cancelled by the user.")
-        elif returnCode != 0:
-            tail = [ln for ln in job["lines"] if ln.strip()][-15:]
-            error = "\n".join(tail)
-        else:
-            try:
-                self.importResults(job["outputDir"], job["referenceVolume"], job["parameterNode"])
-                elapsed = time.time() - job["startTime"]
-                kept = job["outputDir"] != job["workDir"] / "output"
-                message = _("Finished in {s:.1f} s.").format(s=elapsed)
-                if kept:
-                    message += " " + _("Files (prediction.json, segmentation, report.png): {out}").format(out=job["outputDir"])
-                (job["logCallback"] or logging.info)(message)
-            except Exception as e:
-                import traceback
-
-                returnCode, error = 1, _("Loading the results failed: {err}").format(err=e) + "\n" + traceback.format_exc()
-        if returnCode == 0 or job["outputDir"] != job["workDir"] / "output":
-            shutil.rmtree(job["workDir"], ignore_errors=True)  # inputs (and temporary outputs)
-        else:
-            logging.info(f"ClinFuseDiff: inputs and partial outputs kept for inspection in {job['workDir']}")
-        job.update(returnCode=returnCode, error=error)
-        self._lastJob = job
-        if job["completedCallback"]:
-            job["completedCallback"](returnCode, error)
+        job, info = self._job, self._jobInfo
+        self._job = self._jobInfo = None
+        self.wasCancelled = job.cancelled
+        returnCode, error = 0, None
+        try:
+            results = job.finish()
+            p = info["parameterNode"]
+            p.outputSegmentation = results.segmentationNode
+            p.outputTable = results.tableNode
+            self.showResults(job.referenceVolume, results.segmentationNode, results.tableNode)
+            message = _("Finished in {s:.1f} s.").format(s=results.seconds)
+            if results.files:
+                message += " " + _("Files (prediction.json, segmentation, report.png): {out}").format(out=results.outputDir)
+            (info["logCallback"] or logging.info)(message)
+        except RuntimeError as e:
+            returnCode = job.process.returncode or 1
+            error = str(e)
+        self._lastJob = dict(returnCode=returnCode, error=error, lines=job.process.lines)
+        if info["completedCallback"]:
+            info["completedCallback"](returnCode, error)
 
     def cancel(self) -> None:
         """Stop the running subprocess and its children (PythonSlicer is a launcher)."""
-        if not self.isRunning():
-            return
-        self.wasCancelled = True
-        proc = self._proc
-        try:
-            import psutil
-
-            parent = psutil.Process(proc.pid)
-            for child in parent.children(recursive=True):
-                child.kill()
-            parent.kill()
-        except ImportError:
-            proc.kill()
-        except Exception as e:  # already gone
-            logging.debug(f"ClinFuseDiff: cancel: {e}")
+        if self._job is not None:
+            self.wasCancelled = True
+            self._job.cancel()
 
     # ------------------------------------------------------------------ results
     def importResults(self, outputDir, referenceVolume, parameterNode) -> None:
-        """Load ``*.seg.nrrd`` into the output segmentation and ``prediction.json`` into the table."""
-        outputDir = pathlib.Path(outputDir)
-        segFiles = sorted(outputDir.glob("*.seg.nrrd"))
-        predictionFile = outputDir / "prediction.json"
-        if not predictionFile.exists():
-            raise RuntimeError(_("{path} was not written.").format(path=predictionFile))
-        record = json.loads(predictionFile.read_text(encoding="utf-8"))
-
-        if segFiles:
-            segNode = parameterNode.outputSegmentation
-            if segNode is None:
-                segNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{referenceVolume.GetName()} ClinFuseDiff segmentation")
-                parameterNode.outputSegmentation = segNode
-            self.loadSegmentationInto(segFiles[0], segNode, referenceVolume)
-
-        tableNode = parameterNode.outputTable
-        if tableNode is None:
-            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{referenceVolume.GetName()} ClinFuseDiff prediction")
-            parameterNode.outputTable = tableNode
-        self.fillPredictionTable(record, tableNode)
-        self.showResults(referenceVolume, parameterNode.outputSegmentation, tableNode)
-
-    @staticmethod
-    def loadSegmentationInto(path, segmentationNode, referenceVolume) -> None:
-        """Read a ``.seg.nrrd`` (names and colours from the file) into an existing segmentation node."""
-        loaded = slicer.util.loadSegmentation(str(path))
-        try:
-            segmentationNode.GetSegmentation().DeepCopy(loaded.GetSegmentation())
-        finally:
-            slicer.mrmlScene.RemoveNode(loaded)
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
-        segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.CreateClosedSurfaceRepresentation()
-
-    @staticmethod
-    def fillPredictionTable(record: dict, tableNode) -> None:
-        """One row per quantity: (section, name, value, lower, upper).
-
-        Sections: ``prediction`` (predicted class / risk / value), ``probability`` (each class,
-        with its 95 % interval over the K samples), ``uncertainty`` (std, entropy, mutual
-        information), ``contribution`` (each modality used), ``missing`` (modalities absent).
-        """
-        rows = predictionTableRows(record)
-        table = tableNode.GetTable()
-        tableNode.RemoveAllColumns()
-        columns = [vtk.vtkStringArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
-        for column, title in zip(columns, ["Section", "Name", "Value", "95% lower", "95% upper"]):
-            column.SetName(title)
-            table.AddColumn(column)
-        table.SetNumberOfRows(len(rows))
-        for r, row in enumerate(rows):
-            for c, value in enumerate(row):
-                table.SetValue(r, c, vtk.vtkVariant(str(value) if c < 2 else float(value)))
-        tableNode.Modified()
-        tableNode.SetAttribute("ClinFuseDiff.patient_id", str(record.get("patient_id", "")))
-        tableNode.SetAttribute("ClinFuseDiff.checkpoint_sha256", str((record.get("model") or {}).get("checkpoint_sha256", "")))
+        """Load ``*.seg.nrrd`` and ``prediction.json`` of ``outputDir`` into the parameter node's outputs."""
+        results = self.mrmlLogic.importResults(outputDir, referenceVolume, parameterNode.outputSegmentation,
+                                               parameterNode.outputTable)
+        parameterNode.outputSegmentation = results.segmentationNode
+        parameterNode.outputTable = results.tableNode
+        self.showResults(referenceVolume, results.segmentationNode, results.tableNode)
 
     @staticmethod
     def showResults(referenceVolume, segmentationNode, tableNode) -> None:
@@ -892,7 +633,6 @@ class ClinFuseDiffLogic(ScriptedLoadableModuleLogic):
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
-
     # ------------------------------------------------------------------ self-test helper
     def trainTinyCheckpoint(self, folder, logCallback: Optional[Callable[[str], None]] = None) -> pathlib.Path:
         """Train a tiny checkpoint on a tiny synthetic cohort in a PythonSlicer subprocess (CPU, ~1 min).
@@ -1031,7 +771,7 @@ class ClinFuseDiffTest(ScriptedLoadableModuleTest):
         segmentId = segmentation.GetSegmentIdBySegmentName("brain")
         self.assertTrue(segmentId, "no segment named 'brain'")
         reference = nodes["case1_t1"]
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, segmentId, reference)
+        mask = logic.mrmlLogic.segmentArray(segNode, "brain", reference)  # Slicer's export onto the input grid
         self.assertEqual(mask.shape, slicer.util.arrayFromVolume(reference).shape)
         inter = np.logical_and(mask > 0, brain).sum()
         dice = 2.0 * inter / max(1, (mask > 0).sum() + brain.sum())

@@ -181,15 +181,24 @@ def test_infer_bad_inputs_clear_error_nonzero_exit(ckpt, tmp_path, capsys, case,
     assert not (tmp_path / "out" / "prediction.json").exists()
 
 
-def test_slicer_logic_flags_are_infer_options():
-    """Every --flag the Slicer Logic passes to the command is an option of `clinfusediff infer`."""
-    src = (REPO / "ClinFuseDiff" / "ClinFuseDiff.py").read_text(encoding="utf-8")
-    tree = ast.parse(src)
-    build = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "buildCommand")
-    flags = {n.value for n in ast.walk(build) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-             and n.value.startswith("--")}
-    assert {"--checkpoint", "--modality", "--reference", "--device", "--out", "--samples"} <= flags
-    sub = build_parser()._subparsers._group_actions[0].choices["infer"]
-    options = {o for a in sub._actions for o in a.option_strings}
-    assert flags <= options, f"Logic passes flags infer does not know: {sorted(flags - options)}"
-    assert "ClinFuseDiffCore.cli" in src and '"infer"' in src
+def test_module_command_line_parses_with_the_real_cli(ckpt, tmp_path):
+    """The argument list the Slicer module and the web app build (ClinFuseDiffLib.common.inferArguments)
+    is accepted by `clinfusediff infer`'s own parser and carries every setting."""
+    sys.path.insert(0, str(REPO / "ClinFuseDiff"))
+    from ClinFuseDiffLib.common import InferenceSettings, inferArguments
+
+    files = {"mri_t1": tmp_path / "mri_t1.nrrd", "ct": tmp_path / "ct.nrrd"}
+    s = InferenceSettings(checkpoint=ckpt, useTTT=True, tttSteps=5, numSamples=3, device="cpu",
+                          useClinical=True, clinicalValues="age=63; sex=M", clinicalPatientId="P9")
+    argv = inferArguments(s, files, tmp_path / "out", inputDir=tmp_path)
+    a = build_parser().parse_args(argv)
+    assert a.command == "infer" and a.checkpoint == str(ckpt)
+    assert a.modality == [f"mri_t1={files['mri_t1']}", f"ct={files['ct']}"] and a.reference == "mri_t1"
+    assert (a.ttt_steps, a.samples, a.device, a.out, a.patient_id) == (5, 3, "cpu", str(tmp_path / "out"), "P9")
+    assert (tmp_path / "clinical.csv").read_text(encoding="utf-8") == "patient_id,age,sex\nP9,63,M\n"
+    a = build_parser().parse_args(inferArguments(InferenceSettings(checkpoint=ckpt, useTTT=False), files, "o"))
+    assert a.no_ttt and a.clinical is None and a.device == "auto"
+    with pytest.raises(ValueError, match="does not exist"):
+        inferArguments(InferenceSettings(checkpoint=tmp_path / "none.pt"), files, "o")
+    with pytest.raises(ValueError, match="name=value"):
+        inferArguments(InferenceSettings(checkpoint=ckpt, useClinical=True, clinicalValues="age 63"), files, "o")

@@ -29,6 +29,8 @@ MODULE_DIR = REPO / "ClinFuseDiff"
 MODULE_PY = MODULE_DIR / "ClinFuseDiff.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "ClinFuseDiff.ui"
 CORE_DIR = REPO / "ClinFuseDiffCore"
+LIB_DIR = MODULE_DIR / "ClinFuseDiffLib"
+WEB_DIR = MODULE_DIR / "ClinFuseDiffWeb"  # the trame-slicer web app: runs outside Slicer, not shipped in the extension
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -66,24 +68,23 @@ def _parameter_fields() -> dict[str, str]:
     raise AssertionError("no @parameterNodeWrapper class in ClinFuseDiff.py")
 
 
+def _common():
+    """The module's pure-Python helpers (ClinFuseDiffLib/common.py imports no slicer, qt or vtk)."""
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from ClinFuseDiffLib import common
+
+    return common
+
+
 def _module_constant(name: str):
-    for node in _tree().body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"no module-level constant {name}")
+    return getattr(_common(), name)
 
 
 def _load_functions(*names: str) -> dict:
-    """Compile only the named top-level functions of the module (they need no Slicer)."""
-    import pathlib
-    from typing import Optional
-
-    tree = _tree()
-    body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    assert {n.name for n in body} == set(names), f"missing functions: {set(names) - {n.name for n in body}}"
-    ns = {"re": re, "pathlib": pathlib, "Optional": Optional, "_": lambda s: s}
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(MODULE_PY), "exec"), ns)
-    return ns
+    """The named helpers of the module, from ClinFuseDiffLib.common (they need no Slicer)."""
+    common = _common()
+    return {n: getattr(common, n) for n in names}
 
 
 def _widget_classes_for(annotation: str) -> set[str]:
@@ -112,7 +113,7 @@ def test_module_compiles(tmp_path):
 
 
 def test_module_top_level_imports_need_no_torch():
-    allowed = {"slicer", "qt", "vtk", "ctk"} | set(sys.stdlib_module_names)
+    allowed = {"slicer", "qt", "vtk", "ctk", "ClinFuseDiffLib"} | set(sys.stdlib_module_names)
     seen = set()
     for node in _tree().body:  # top level only: function bodies run on use, not at load
         if isinstance(node, ast.Import):
@@ -145,9 +146,12 @@ def test_module_has_slicer_classes():
     src = MODULE_PY.read_text(encoding="utf-8")
     for needle in ('self.resourcePath("UI/ClinFuseDiff.ui")', "connectGui(self.ui)", "tryWithErrorDisplay",
                    "PyTorchUtilsLogic()", "installTorch(askConfirmation=", "launchConsoleProcess",
-                   "CUDA_VISIBLE_DEVICES", "SetReferenceImageGeometryParameterFromVolumeNode",
-                   "vtkMRMLTableNode", "loadSegmentation"):
+                   "ClinFuseDiffMRMLLogic(slicer.mrmlScene, slicer.modules.segmentations.logic())"):
         assert needle in src, f"{needle} missing from the module"
+    lib = "".join(p.read_text(encoding="utf-8") for p in LIB_DIR.glob("*.py"))
+    for needle in ("CUDA_VISIBLE_DEVICES", "SetReferenceImageGeometryParameterFromVolumeNode",
+                   "vtkMRMLTableNode", "LoadSegmentationFromFile", "vtkMRMLVolumeArchetypeStorageNode"):
+        assert needle in lib, f"{needle} missing from ClinFuseDiffLib"
     # The test class must be able to fail: it asserts on the results.
     test_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ClinFuseDiffTest")
     asserts = [n for n in ast.walk(test_cls) if isinstance(n, ast.Call)
@@ -297,7 +301,9 @@ def test_module_cmake_lists_every_file_and_only_existing_ones():
     for f in listed:
         assert (MODULE_DIR / f).is_file(), f"CMake lists {f}, which does not exist"
     present = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
+               if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"
+               and WEB_DIR not in p.parents}
+    assert {"ClinFuseDiffLib/__init__.py", "ClinFuseDiffLib/common.py", "ClinFuseDiffLib/logic.py"} <= set(scripts)
     assert present - listed == set(), f"module files not listed in CMake: {sorted(present - listed)}"
     assert all(s.endswith(".py") for s in scripts)
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
@@ -443,6 +449,8 @@ def test_cmake_configure_stages_the_installed_layout(tmp_path):
     assert (qsm / "Resources/UI/ClinFuseDiff.ui").is_file()
     assert (qsm / "Resources/Icons/ClinFuseDiff.png").is_file()
     assert (qsm / "Resources/requirements.txt").is_file()
+    for p in LIB_DIR.glob("*.py"):
+        assert (qsm / "ClinFuseDiffLib" / p.name).is_file(), p
     for p in CORE_DIR.rglob("*.py"):
         if "__pycache__" not in p.parts:
             assert (qsm / "ClinFuseDiffCore" / p.relative_to(CORE_DIR)).is_file(), p
@@ -487,3 +495,37 @@ def test_prediction_table_rows_from_real_records():
     rec = build_prediction_record(task="survival", value_samples=[0.1, 0.3, 0.2], **common)
     key, value, lo, hi = rows_of(rec)[0][1:]
     assert key == "risk" and value == pytest.approx(0.2) and lo < 0.2 < hi
+
+
+# ----------------------------------------------------------------------------- the Qt-free Logic
+def _imports(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add((node.module or "").split(".")[0])
+    return roots
+
+
+def test_lib_common_is_pure_python_and_logic_is_qt_free():
+    """common.py needs no Slicer at all; logic.py needs slicer + vtk (slicer-core), never Qt or the application."""
+    assert not _imports(LIB_DIR / "common.py") & {"slicer", "qt", "vtk", "ctk", "torch", "ClinFuseDiffCore"}
+    logic_imports = _imports(LIB_DIR / "logic.py")
+    assert not logic_imports & {"qt", "ctk", "torch", "ClinFuseDiffCore"}, logic_imports
+    tree = ast.parse((LIB_DIR / "logic.py").read_text(encoding="utf-8"))
+    used = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}  # code, not docstrings
+    assert "slicer.vtkSlicerSegmentationsModuleLogic" in used  # the check below sees real attribute uses
+    for absent_in_slicer_core in ("slicer.app", "slicer.util.loadVolume", "slicer.util.loadSegmentation",
+                                  "slicer.util.saveNode", "slicer.util.startupEnvironment", "slicer.util.getNode",
+                                  "slicer.util.arrayFromSegmentBinaryLabelmap"):
+        assert absent_in_slicer_core not in used, f"logic.py uses {absent_in_slicer_core}, which slicer-core lacks"
+
+
+def test_module_file_got_shorter_and_delegates():
+    """ClinFuseDiff.py keeps the application glue; the MRML work is in ClinFuseDiffLib."""
+    src = MODULE_PY.read_text(encoding="utf-8")
+    assert len(src.splitlines()) < 900
+    for moved in ("def fillPredictionTable", "def loadSegmentationInto", "def writeVolume", "def buildCommand",
+                  "def matchModalityName", "def predictionTableRows"):
+        assert moved not in src, f"{moved} should live in ClinFuseDiffLib only"
