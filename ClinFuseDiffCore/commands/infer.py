@@ -1,5 +1,11 @@
 """``clinfusediff infer``: one patient -> prediction.json, a .seg.nrrd segmentation and report.png.
 
+Inputs are any of the checkpoint's modalities: images (``--patient DIR`` or ``--modality
+NAME=PATH``) and tabular blocks (``--tabular NAME=CSV`` for every tabular modality, e.g. ``labs``,
+``genomics``; ``--clinical CSV`` is ``--tabular clinical=CSV``), the patient's row chosen with
+``--id``. A tabular-only checkpoint needs no image; without images there is no segmentation and
+no report.png, only prediction.json. What was given and what is missing is printed.
+
 The exact code path of the Slicer module (which writes the selected volumes to a temporary folder
 and runs this command in a ``PythonSlicer`` subprocess). Progress is printed as lines
 ``PROGRESS <percent> <stage>`` that the module turns into its progress bar.
@@ -14,10 +20,12 @@ DESCRIPTION = (
     "Run a trained checkpoint on one patient, with test-time training and K diffusion samples "
     "for the uncertainty. Inputs: a patient folder (--patient DIR, generic or BraTS file names; "
     "the cohort's clinical_data.csv next to it is used for the patient's row) or volumes "
-    "(--modality mri_t1=t1.nii.gz --modality ct=ct.nrrd ...), plus optional clinical values "
-    "(--clinical CSV --id ID). Writes DIR/prediction.json, DIR/segmentation.seg.nrrd (brain mask "
-    "from the checkpoint's mask backend, on the grid of the reference volume, named and coloured "
-    "segments) and DIR/report.png."
+    "(--modality mri_t1=t1.nii.gz --modality ct=ct.nrrd ...), and/or tabular rows of any tabular "
+    "modality of the checkpoint (--tabular labs=labs.csv --tabular genomics=genomics.csv --id ID; "
+    "--clinical CSV = --tabular clinical=CSV). Modalities not given are missing (printed). Writes "
+    "DIR/prediction.json, and with images DIR/segmentation.seg.nrrd (brain mask from the "
+    "checkpoint's mask backend, on the grid of the reference volume, named and coloured segments) "
+    "and DIR/report.png."
 )
 
 SEGMENTATION_FILE = "segmentation.seg.nrrd"
@@ -25,17 +33,23 @@ SEGMENTATION_FILE = "segmentation.seg.nrrd"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .pt written by clinfusediff train")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--patient", metavar="DIR",
                      help="patient folder (<modality>.nii.gz files, or BraTS *_t1/_t1ce/_t2/_flair names)")
     src.add_argument("--modality", action="append", metavar="NAME=PATH",
                      help="one image: modality name (mri_t1, mri_t1ce, mri_t2, mri_flair, ct, pet) = "
                           "file (NIfTI, NRRD, MHA) or DICOM folder; repeat per modality")
-    p.add_argument("--clinical", metavar="CSV", help="CSV with a patient ID column and clinical columns")
+    p.add_argument("--clinical", metavar="CSV",
+                   help="CSV with a patient ID column and clinical columns (= --tabular clinical=CSV)")
+    p.add_argument("--tabular", action="append", metavar="NAME=CSV",
+                   help="one tabular modality of the checkpoint (e.g. labs=labs.csv): a CSV with the "
+                        "ID column and that block's columns; the row of --id is used. Repeat per "
+                        "block; blocks not given, or without a row for the patient, are missing")
     p.add_argument("--id", dest="patient_id", metavar="ID",
-                   help="the patient's ID (row of --clinical; default: the folder name or 'patient')")
+                   help="the patient's ID (row of --clinical/--tabular; default: the folder name or "
+                        "'patient')")
     p.add_argument("--id-column", default=None, metavar="COLUMN",
-                   help="patient ID column of --clinical (default: the checkpoint's data.id_column)")
+                   help="patient ID column of the CSVs (default: the checkpoint's data.id_column)")
     p.add_argument("--no-ttt", action="store_true", help="skip test-time training")
     p.add_argument("--ttt-steps", type=int, default=None, metavar="N",
                    help="test-time training steps (default: the checkpoint's ttt.steps)")
@@ -81,6 +95,48 @@ def parse_modality_args(items, registry) -> dict:
     return out
 
 
+def parse_tabular_args(items, clinical=None) -> dict:
+    """``["labs=labs.csv", ...]`` (+ ``--clinical``) -> ``{"labs": Path("labs.csv")}``.
+
+    Names are checked against the checkpoint later (``check_tabular_names``).
+
+    Raises:
+        ValueError: malformed item, a block given twice. FileNotFoundError: a missing file.
+    """
+    from pathlib import Path
+
+    out: dict[str, Path] = {}
+    pairs = [("--tabular", item) for item in (items or [])]
+    if clinical is not None:
+        pairs.append(("--clinical", f"clinical={clinical}"))
+    for flag, item in pairs:
+        if "=" not in item:
+            raise ValueError(f"--tabular {item!r} must look like NAME=CSV, e.g. labs=labs.csv")
+        name, path = (s.strip() for s in item.split("=", 1))
+        if not name or not path:
+            raise ValueError(f"--tabular {item!r} must look like NAME=CSV, e.g. labs=labs.csv")
+        if name in out:
+            raise ValueError(f"tabular modality {name!r} given twice ({out[name]} and {path}; "
+                             f"{flag}); give one CSV per block")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{flag} {name}: {p} does not exist")
+        out[name] = p
+    return out
+
+
+def check_tabular_names(given: dict, model_tabular: list, ckpt_name: str, modalities: list) -> None:
+    """Every given block must be a tabular modality of the checkpoint (ValueError naming it)."""
+    unknown = sorted(set(given) - set(model_tabular))
+    if unknown:
+        images = [m for m in modalities if m not in model_tabular]
+        hint = (f"; image modalities ({images}) go in --modality NAME=PATH" if
+                set(unknown) & set(images) else "")
+        raise ValueError(f"--tabular {unknown}: not a tabular modality of the checkpoint {ckpt_name}; "
+                         f"its tabular modalities are {model_tabular}{hint}. Rename the block or use "
+                         "a checkpoint trained with it")
+
+
 def patient_folder_images(folder, image_modalities) -> dict:
     """Image files of one patient folder (generic or BraTS names), via the cohort discovery."""
     from pathlib import Path
@@ -100,27 +156,36 @@ def patient_folder_images(folder, image_modalities) -> dict:
                      "(e.g. mri_t1.nii.gz) or use BraTS names, or pass --modality NAME=PATH")
 
 
-def read_clinical_row(csv_path, patient_id: str, id_column: str) -> dict:
-    """The row of ``patient_id`` in a CSV as {column: value} (without the ID column)."""
+def read_clinical_row(csv_path, patient_id: str, id_column: str, flag: str = "--clinical") -> dict:
+    """The row of ``patient_id`` in a CSV as {column: value} (without the ID column).
+
+    Raises:
+        FileNotFoundError: no file. ValueError: no ``id_column``. MissingRow (a ValueError and a
+        LookupError): no row for the patient.
+    """
     import csv
     from pathlib import Path
 
     path = Path(csv_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"--clinical {path}: no such file")
+        raise FileNotFoundError(f"{flag} {path}: no such file")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or id_column not in reader.fieldnames:
-            raise ValueError(f"--clinical {path}: no {id_column!r} column (columns: {reader.fieldnames}); "
-                             f"the checkpoint expects patient IDs in {id_column!r}")
+            raise ValueError(f"{flag} {path}: no {id_column!r} column (columns: {reader.fieldnames}); "
+                             f"the checkpoint expects patient IDs in {id_column!r} (or set --id-column)")
         ids = []
         for row in reader:
             rid = (row.get(id_column) or "").strip()
             ids.append(rid)
             if rid == patient_id:
                 return {k: v for k, v in row.items() if k != id_column and k is not None}
-    raise ValueError(f"--clinical {path}: no row with {id_column}={patient_id!r} (first IDs: {ids[:5]}); "
+    raise MissingRow(f"{flag} {path}: no row with {id_column}={patient_id!r} (first IDs: {ids[:5]}); "
                      "give the patient's ID with --id")
+
+
+class MissingRow(ValueError, LookupError):
+    """A CSV without a row for the patient (for a tabular block: the block is missing)."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,14 +208,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     if args.ttt_steps is not None and args.ttt_steps < 0:
         raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
-    if args.clinical and not args.patient_id and not args.patient:
-        raise ValueError("--clinical needs --id (which row of the CSV is this patient)")
+    tab_given = parse_tabular_args(getattr(args, "tabular", None), args.clinical)
+    if tab_given and not args.patient_id and not args.patient:
+        flags = "--clinical" if set(tab_given) == {"clinical"} and not getattr(args, "tabular", None) else "--tabular"
+        raise ValueError(f"{flags} needs --id (which row of the CSV is this patient)")
+    if not args.patient and not args.modality and not tab_given:
+        raise ValueError("no input given; pass images (--patient DIR or --modality NAME=PATH) and/or "
+                         "tabular rows (--tabular NAME=CSV --id ID, --clinical CSV --id ID)")
 
     # Check the input names and files before the (slow) checkpoint load.
     registry = ModalityRegistry()
     given = parse_modality_args(args.modality, registry) if args.modality else None
-    if given is not None and args.reference is not None and args.reference not in given:
-        raise ValueError(f"--reference {args.reference!r} is not among the given modalities {sorted(given)}")
+    if args.reference is not None and args.reference not in (given or {}) and not args.patient:
+        raise ValueError(f"--reference {args.reference!r} is not among the given modalities "
+                         f"{sorted(given or {})}")
 
     progress(2, "loading checkpoint")
     t0 = time.perf_counter()
@@ -161,49 +232,68 @@ def run(args: argparse.Namespace) -> int:
     model_images = list(predictor.model.image_modalities)
     model_tabular = list(predictor.model.tabular_modalities)
     timings["load"] = time.perf_counter() - t0
+    check_tabular_names(tab_given, model_tabular, ckpt_path.name, predictor.modalities)
 
     if given is None:
-        given = patient_folder_images(args.patient, model_images)
+        given = patient_folder_images(args.patient, model_images) if args.patient else {}
     not_in_model = sorted(set(given) - set(model_images))
     if not_in_model:
         raise ValueError(f"the checkpoint {ckpt_path.name} was trained for the image modalities "
                          f"{model_images}; it cannot use {not_in_model}. Drop them or use a "
                          "checkpoint trained with them")
-    if not given:
-        raise ValueError("no image volume given; pass --patient DIR or --modality NAME=PATH")
     given = {m: given[m] for m in model_images if m in given}  # the checkpoint's modality order
     pid = safe_id(args.patient_id or (Path(args.patient).name if args.patient else "patient"))
+    id_column = args.id_column or cfg.data.id_column
 
-    clinical_csv = args.clinical
-    if clinical_csv is None and args.patient and "clinical" in model_tabular:
+    if args.clinical is None and args.patient and "clinical" in model_tabular and "clinical" not in tab_given:
         tab_cfg = cfg.data.tabular.get("clinical")
         candidate = Path(args.patient).expanduser().resolve().parent / (tab_cfg.file if tab_cfg else "clinical_data.csv")
         if candidate.is_file():
-            clinical_csv = candidate
+            tab_given["clinical"] = candidate
             print(f"clinical values: {candidate} (row {pid})", flush=True)
-    tabular = {}
-    if clinical_csv is not None:
-        if "clinical" not in model_tabular:
-            raise ValueError(f"the checkpoint {ckpt_path.name} has no 'clinical' modality (its modalities: "
-                             f"{predictor.modalities}); drop --clinical or use a checkpoint trained with it")
+    tabular: dict[str, dict] = {}
+    notes: dict[str, str] = {}
+    for name in model_tabular:
+        if name not in tab_given:
+            notes[name] = "not given"
+            continue
+        explicit_clinical = name == "clinical" and args.clinical is not None
         try:
-            tabular["clinical"] = read_clinical_row(clinical_csv, pid, args.id_column or cfg.data.id_column)
-        except ValueError:
-            if args.clinical:
+            tabular[name] = read_clinical_row(tab_given[name], pid, id_column,
+                                              flag="--clinical" if explicit_clinical else f"--tabular {name}")
+            notes[name] = f"row {pid} of {tab_given[name]}"
+        except MissingRow:
+            # --clinical names the patient's row (an error as before); a --tabular block without
+            # the patient's row is missing for this patient, as in training.
+            if explicit_clinical:
                 raise
-            print(f"clinical values: no row for {pid} in {clinical_csv}; clinical is missing", flush=True)
+            notes[name] = f"no row {id_column}={pid} in {tab_given[name]}"
+    if tab_given and not tabular and not given:
+        raise ValueError(f"patient {pid!r} has no row in any given CSV ({', '.join(map(str, tab_given.values()))}) "
+                         f"and no image was given; check --id and --id-column (IDs are read from "
+                         f"column {id_column!r})")
+    if not given and not tabular:
+        raise ValueError("no modality of the checkpoint was given for this patient; pass --patient DIR, "
+                         f"--modality NAME=PATH or --tabular NAME=CSV (tabular modalities: {model_tabular})")
+    for name in model_tabular:
+        print(f"{name}: {'given, ' if name in tabular else 'missing, '}{notes[name]}", flush=True)
+    for name in model_images:
+        print(f"{name}: {('given, ' + str(given[name])) if name in given else 'missing, not given'}", flush=True)
 
-    progress(8, "reading volumes")
-    t0 = time.perf_counter()
-    volumes = {m: Volume.from_file(p) for m, p in given.items()}
-    check_overlap(volumes, cfg.preprocessing.min_overlap)
-    timings["read"] = time.perf_counter() - t0
+    volumes: dict = {}
+    seg_vol = seg_info = None
+    if given:
+        progress(8, "reading volumes")
+        t0 = time.perf_counter()
+        volumes = {m: Volume.from_file(p) for m, p in given.items()}
+        check_overlap(volumes, cfg.preprocessing.min_overlap)
+        timings["read"] = time.perf_counter() - t0
 
-    # Segmentation on an input grid (what Slicer shows over the input volume).
-    progress(15, "segmentation")
-    t0 = time.perf_counter()
-    seg_vol, seg_info = segment(volumes, cfg.preprocessing, args.reference)
-    timings["segmentation"] = time.perf_counter() - t0
+        # Segmentation on an input grid (what Slicer shows over the input volume).
+        progress(15, "segmentation")
+        t0 = time.perf_counter()
+        seg_vol, seg_info = segment(volumes, cfg.preprocessing, args.reference)
+        timings["segmentation"] = time.perf_counter() - t0
 
     progress(30, "preprocessing, encoding, test-time training, sampling")
     if args.ttt_steps is not None:
@@ -231,7 +321,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    seg_path = write_segmentation(seg_vol, seg_info["labels"], seg_info["colors"], out_dir / SEGMENTATION_FILE)
+    seg_path = None
+    if seg_vol is not None:
+        seg_path = write_segmentation(seg_vol, seg_info["labels"], seg_info["colors"], out_dir / SEGMENTATION_FILE)
     unc = {k: v for k, v in pred.uncertainty.items() if k in ("std", "entropy", "expected_entropy", "mutual_information")}
     num_samples = int(pred.uncertainty.get("num_samples", args.samples or 1))
     ttt_info = dict(pred.ttt)
@@ -239,24 +331,31 @@ def run(args: argparse.Namespace) -> int:
     if use_ttt:
         ttt_info.setdefault("steps", predictor.cfg.ttt.steps)
     timings["total"] = time.perf_counter() - t_start
+    segmentation = None
+    if seg_info is not None:
+        segmentation = {"file": seg_path.name, **{k: v for k, v in seg_info.items() if k != "colors"},
+                        "labels": {str(k): v for k, v in seg_info["labels"].items()},
+                        "colors": {str(k): list(v) for k, v in seg_info["colors"].items()}}
+    extra = {"inputs": {m: str(p) for m, p in given.items()},
+             "tabular_inputs": {m: notes[m] for m in model_tabular}}
+    if "clinical" in tabular:
+        extra["clinical_csv"] = str(tab_given["clinical"])
     common = dict(
         patient_id=pid, task=pred.task, uncertainty=unc, num_samples=num_samples,
         contributions=pred.contributions, model_modalities=predictor.modalities,
         used_modalities=pred.modalities_used, checkpoint=ckpt_path.resolve(),
         checkpoint_sha256=file_sha256(ckpt_path), config_hash_=config_hash(cfg.to_dict()),
-        ttt=ttt_info, timings=timings,
-        segmentation={"file": seg_path.name, **{k: v for k, v in seg_info.items() if k != "colors"},
-                      "labels": {str(k): v for k, v in seg_info["labels"].items()},
-                      "colors": {str(k): list(v) for k, v in seg_info["colors"].items()}},
-        extra={"inputs": {m: str(p) for m, p in given.items()},
-               **({"clinical_csv": str(clinical_csv)} if tabular else {})},
+        ttt=ttt_info, timings=timings, segmentation=segmentation, extra=extra,
     )
     if pred.task == "classification":
         record = build_prediction_record(probability_samples=pred.probability_samples, **common)
     else:
         record = build_prediction_record(value_samples=pred.risk_samples, **common)
     write_prediction_json(out_dir / "prediction.json", record)
-    render_report(volumes, seg_vol, record, out_dir / "report.png")
+    written = [out_dir / "prediction.json"]
+    if volumes:
+        render_report(volumes, seg_vol, record, out_dir / "report.png")
+        written += [seg_path, out_dir / "report.png"]
 
     p = record["prediction"]
     if pred.task == "classification":
@@ -268,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{pid}: {summary}; uncertainty std {record['uncertainty']['std']:.3g}; used "
           f"{record['modalities']['used']}, missing {record['modalities']['missing']}; "
           f"{timings['total']:.1f} s", flush=True)
-    print(f"wrote {out_dir / 'prediction.json'}, {seg_path}, {out_dir / 'report.png'}", flush=True)
+    print(f"wrote {', '.join(str(w) for w in written)}"
+          f"{'' if volumes else ' (no image given: no segmentation, no report.png)'}", flush=True)
     progress(100, "done")
     return 0
 
