@@ -10,8 +10,11 @@ DESCRIPTION = (
     "cached encoder features. --checkpoint takes a training output folder (<fusion>/best.pt inside; "
     "several folders = several training seeds) or name=path.pt pairs, e.g. --checkpoint "
     "mean=a.pt attention=b.pt diffusion=c.pt (a diffusion checkpoint gives diffusion and "
-    "diffusion+ttt). Writes results.json (docs/RESULTS_SCHEMA.md), results.csv, results.md and PNG "
-    "plots into --out."
+    "diffusion+ttt). Scores the training split's test part (--part val: its validation part); "
+    "prints how many patients each part has. Writes results.json (docs/RESULTS_SCHEMA.md), "
+    "results.csv, results.md, PNG plots and predictions.csv (one row per seed x method x subset "
+    "x patient: prob_* / risk / value, uncertainty, the modalities used and the outcome, to score "
+    "with your own tools) into --out."
 )
 
 

@@ -8,7 +8,9 @@ HELP = "train a model from a config (generated, BraTS-layout or tabular-only coh
 DESCRIPTION = (
     "Train ClinFuseDiff from a YAML config plus section.key=value overrides. With data.root unset "
     "the embedded synthetic cohort is generated into the output folder. Outputs: best.pt, last.pt, "
-    "config.yaml, split.json, history.json, tb/ (TensorBoard). Runs under "
+    "config.yaml, split.json, history.json, tb/ (TensorBoard) and train_summary.json (the printed "
+    "summary: patients per split part and the split file, the selection rule, best epoch and "
+    "value per model; epochs count from 1). Runs under "
     "`torchrun --nproc_per_node=N` as DDP (gloo on CPU, nccl on GPU)."
 )
 
@@ -51,9 +53,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = {cfg.model.fusion: train(cfg, out, resume=args.resume, show_progress=show)}
     summary = {
-        name: {"best": str(r.best_path), "best_epoch": r.best_epoch, cfg.training.monitor: r.best_metric,
-               "seconds": round(r.seconds, 1)}
-        for name, r in results.items()
+        "split": split_counts(Path(cfg.data.split_file) if cfg.data.split_file else out / "split.json"),
+        "selection": {"monitor": cfg.training.monitor, "rule": cfg.training.selection,
+                      "task": cfg.data.task},
+        "models": {
+            name: {"best": str(r.best_path), "best_epoch": r.best_epoch,
+                   cfg.training.monitor if name != "encoders" or not cfg.training.encoder_monitor
+                   else cfg.training.encoder_monitor: r.best_metric,
+                   "seconds": round(r.seconds, 1)}
+            for name, r in results.items()
+        },
     }
+    from ..utils import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "train_summary.json", summary)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def split_counts(path) -> dict:
+    """``{"train": n, "val": n, "test": n, "file": path}`` of a split file written by training."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {**{k: len(data.get(k, [])) for k in ("train", "val", "test")}, "file": str(path)}

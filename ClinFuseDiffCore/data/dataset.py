@@ -620,6 +620,18 @@ def load_or_make_split(
     return split
 
 
+def split_summary(split: Mapping[str, Sequence[str]], path: str | Path, val_fraction: float,
+                  test_fraction: float) -> str:
+    """One line saying how many patients went to each part and where the split is saved."""
+    n = {k: len(split.get(k, ())) for k in ("train", "val", "test")}
+    total = sum(n.values())
+    held = (f"{n['test']} test patients are held out of training (data.test_fraction="
+            f"{test_fraction}); `clinfusediff evaluate` scores them" if n["test"] else
+            "no internal test part (data.test_fraction=0): evaluate on your own held-out cohort")
+    return (f"split: {total} patients -> {n['train']} train / {n['val']} validation / {n['test']} "
+            f"test (data.val_fraction={val_fraction}); {held}; saved in {path}")
+
+
 # --------------------------------------------------------------------------------------------
 # From a config to datasets: the cohort used by training
 # --------------------------------------------------------------------------------------------
@@ -770,6 +782,8 @@ def prepare_cohort(cfg, out_dir: str | Path, dist_info: Any = None, show_progres
     sync()
     if not rank0:
         split = load_or_make_split(split_path, ids, labels, d.val_fraction, d.test_fraction, cfg.experiment.seed)
+    if rank0:
+        log.info("%s", split_summary(split, split_path, d.val_fraction, d.test_fraction))
 
     # Tabular features, normalisers fitted on the training patients only.
     tab_dims, tab_state, feats = {}, {}, {}

@@ -86,6 +86,7 @@ def evaluate_all_subsets(
     reference_method: Optional[str] = None,
     progress: Optional[Callable[[str], None]] = None,
     patient_ids: Optional[Sequence[str]] = None,
+    on_outputs: Optional[Callable[..., None]] = None,
 ) -> dict[str, Any]:
     """Evaluate every method on every non-empty modality subset for every seed.
 
@@ -102,6 +103,9 @@ def evaluate_all_subsets(
             (default: ``diffusion+ttt`` if present, else the last method).
         progress: optional callback receiving a status line.
         patient_ids: optional ids, only stored in the results for traceability.
+        on_outputs: optional ``fn(seed, method, out: MethodOutput, s_idx (N,), p_idx (N,),
+            available (N, M))`` called with every method's per-(subset, patient) outputs
+            (``evaluate_checkpoints`` writes them to ``predictions.csv``).
 
     Returns:
         the results dict documented in ``docs/RESULTS_SCHEMA.md``.
@@ -180,6 +184,8 @@ def evaluate_all_subsets(
                 progress(f"seed {seed}: {'/'.join(method.names)} on {len(subsets)} subsets")
             s_idx, p_idx, avail, outs, secs = run_method(method, masks, pav, seed)
             for name, out in outs.items():
+                if on_outputs is not None:
+                    on_outputs(seed, name, out, s_idx, p_idx, avail)
                 timings[name].append(secs)  # a shared pass is counted for each of its names
                 for k, v in out.extra.items():
                     extras[name][k] = extras[name].get(k, 0.0) + v
@@ -393,7 +399,9 @@ def evaluate_checkpoints(
     show_progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The full evaluation: load checkpoints, encode the test patients once per model, run the
-    all-subsets protocol over seeds, write results.json/csv/md and the plots.
+    all-subsets protocol over seeds, write results.json/csv/md, the plots and ``predictions.csv``
+    (one row per seed x method x subset x patient: the prediction, its uncertainty and the
+    outcome, for scoring with other tools; see ``report.predictions_csv``).
 
     Args:
         checkpoints: ``--checkpoint`` specs (see ``resolve_checkpoints``).
@@ -419,7 +427,7 @@ def evaluate_checkpoints(
     from ..inference import Predictor
     from ..training.checkpoint import load_checkpoint
     from ..training.trainer import encode_dataset
-    from ..utils import atomic_write_json
+    from ..utils import atomic_write_json, atomic_write_text
     from .report import write_report
 
     if seeds < 1:
@@ -451,7 +459,15 @@ def evaluate_checkpoints(
     data_cfg = dataclasses.replace(cfg.data, root=root, split_file=str(out / "split.json"),
                                    cache_dir=cache)
     cfg = dataclasses.replace(cfg, data=data_cfg)
-    say(f"evaluate: cohort {root or '(generated)'}; {len(split[part])} {part} patients")
+    counts = {k: len(split.get(k, ())) for k in ("train", "val", "test")}
+    say(f"evaluate: cohort {root or '(generated)'}; the training split has {counts['train']} train / "
+        f"{counts['val']} validation / {counts['test']} test patients (copied to {out / 'split.json'}); "
+        f"scoring the {counts[part]} {part} patients")
+    if counts[part] == 0:
+        raise ValueError(
+            f"the checkpoint's split has no {part} patients (data.test_fraction="
+            f"{cfg.data.test_fraction}, data.val_fraction={cfg.data.val_fraction} at training); use "
+            f"--part {'val' if part == 'test' else 'test'}, or re-train with a non-zero fraction")
     cohort = prepare_cohort(cfg, out, show_progress=show_progress)
     ds = cohort.datasets[part]
 
@@ -484,14 +500,17 @@ def evaluate_checkpoints(
     for prs in predictors_by_run[:1]:
         for pr in prs.values():
             excluded = excluded or list(pr.cfg.data.excluded_combinations)
+    collected: list[tuple] = []
     results = evaluate_all_subsets(
         methods_by_seed, enc0["available"], targets, cohort.modalities,
         excluded_combinations=excluded, progress=say, patient_ids=enc0["patient_id"],
+        on_outputs=lambda *a: collected.append(a),
     )
     results["checkpoints"] = [{n: str(p) for n, p in run.items()} for run in runs]
     results["seed_kind"] = ("evaluation seeds (diffusion sampling + TTT noise) on one trained run"
                             if len(runs) == 1 else "training runs (one per seed)")
     results["part"] = part
+    results["split_counts"] = counts
     ttt_lines = []
     for name, ex in results["method_extra"].items():
         if ex.get("episodes"):
@@ -505,5 +524,10 @@ def evaluate_checkpoints(
                 f"{n_par:g} adapted parameters per episode ({cfg.ttt.params}); {rate:.1%} of updates "
                 f"kept; adaptation {per:.2f} ms per episode (batched)")
     paths = write_report(results, out, extra_lines=ttt_lines)
+    from .report import predictions_csv
+
+    paths["predictions"] = atomic_write_text(
+        out / "predictions.csv",
+        predictions_csv(collected, results["subsets"], cohort.modalities, enc0["patient_id"], targets))
     say(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
     return results, paths

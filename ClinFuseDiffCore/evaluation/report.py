@@ -224,6 +224,63 @@ def plot_uncertainty(results: Mapping[str, Any], path: Path) -> Optional[Path]:
     return out
 
 
+def predictions_csv(collected, subsets, modalities, patient_ids, targets) -> str:
+    """Per-patient predictions of every (seed, method, subset) as a long CSV.
+
+    Args:
+        collected: ``(seed, method, MethodOutput, s_idx (N,), p_idx (N,), available (N, M))``
+            tuples, as ``evaluate_all_subsets(on_outputs=...)`` passes them.
+        subsets: subset keys (``results["subsets"]``), indexed by ``s_idx``.
+        modalities: the M modality names; patient_ids: the P patient IDs (indexed by ``p_idx``).
+        targets: ``Targets`` of the P patients.
+
+    Returns:
+        CSV text with columns ``seed, method, subset, patient_id, used`` (the modalities the
+        prediction used: the subset ∩ what the patient has, ``+``-joined), the prediction
+        (``prob_0..prob_{C-1}`` for classification; ``risk`` for survival, higher = earlier event;
+        ``value`` for regression), ``uncertainty`` (spread over the K diffusion samples; empty for
+        deterministic methods) and the outcome (``label`` or ``time, event``; ``target`` for
+        regression).
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    task = targets.task
+    n_cls = None
+    for c in collected:
+        if c[2].probs is not None:
+            n_cls = int(c[2].probs.shape[1])
+            break
+    if task == "classification":
+        pred_cols = [f"prob_{k}" for k in range(n_cls or 0)]
+        outcome_cols = ["label"]
+    elif task == "survival":
+        pred_cols, outcome_cols = ["risk"], ["time", "event"]
+    else:
+        pred_cols, outcome_cols = ["value"], ["target"]
+    w.writerow(["seed", "method", "subset", "patient_id", "used", *pred_cols, "uncertainty", *outcome_cols])
+
+    def num(x: float) -> str:
+        return "" if not math.isfinite(x) else repr(float(x))
+
+    for seed, method, out, s_idx, p_idx, avail in collected:
+        probs = out.probs.tolist() if out.probs is not None else None
+        risk = (out.risk if out.risk is not None else out.value)
+        risk = risk.tolist() if risk is not None else None
+        unc = out.uncertainty.tolist() if out.uncertainty is not None else None
+        for r, (s, p) in enumerate(zip(s_idx.tolist(), p_idx.tolist())):
+            used = "+".join(m for m, a in zip(modalities, avail[r].tolist()) if a)
+            pred = [num(v) for v in probs[r]] if probs is not None else [num(risk[r])]
+            if task == "classification":
+                outcome = [str(int(targets.target[p]))]
+            elif task == "survival":
+                outcome = [num(float(targets.time[p])), str(int(targets.event[p]))]
+            else:
+                outcome = [num(float(targets.target[p]))]
+            w.writerow([seed, method, subsets[s], patient_ids[p], used, *pred,
+                        num(unc[r]) if unc is not None else "", *outcome])
+    return buf.getvalue()
+
+
 def write_report(
     results: Mapping[str, Any], out_dir: str | Path, extra_lines: Optional[list[str]] = None
 ) -> dict[str, Path]:
