@@ -186,8 +186,14 @@ class TrainingConfig:
     encoder_monitor: Optional[str] = None
     # best: keep the epoch with the best monitor (+ early stopping); last: fixed schedule, the final
     # epoch is the selected checkpoint (best.pt == last epoch), no early stopping.
-    selection: Literal["best", "last"] = "best"
-    encoder_selection: Optional[Literal["best", "last"]] = None  # stage 1; null = `selection`
+    # cv: K-fold cross-validation over the train + validation patients (cv_folds folds, each run
+    # for the full `epochs`) picks the epoch count with the best mean monitor over folds; the
+    # final model then trains on the train part for that many epochs (fixed schedule). For small
+    # cohorts, where one validation split of a few dozen patients picks a noisy epoch. Default:
+    # best (one validation split; a warning below 50 validation patients names cv and last).
+    selection: Literal["best", "last", "cv"] = "best"
+    encoder_selection: Optional[Literal["best", "last", "cv"]] = None  # stage 1; null = `selection`
+    cv_folds: int = 5
     lambda_pred: float = 1.0
     lambda_diff: float = 1.0
     lambda_recon: float = 0.1

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import load_config
-    from ..training.trainer import train, train_fusions
+    from ..training.trainer import train, train_fusions, train_with_selection
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)
@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--resume is for training.stage=end_to_end runs (stage 2 takes seconds)")
         results = train_fusions(cfg, out, [cfg.model.fusion], show_progress=show)
     else:
-        results = {cfg.model.fusion: train(cfg, out, resume=args.resume, show_progress=show)}
+        if args.resume:
+            results = {cfg.model.fusion: train(cfg, out, resume=args.resume, show_progress=show)}
+        else:
+            results = {cfg.model.fusion: train_with_selection(cfg, out, show_progress=show)}
     summary = {
         "split": split_counts(Path(cfg.data.split_file) if cfg.data.split_file else out / "split.json"),
         "selection": {"monitor": cfg.training.monitor, "rule": cfg.training.selection,

@@ -68,6 +68,7 @@ from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distr
 
 log = logging.getLogger(__name__)
 
+SMALL_VALIDATION = 50  # fewer validation patients than this: warn that selection on them is noisy
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "brier", "ece")
 # The validation metric averaged over every non-empty modality subset (see ``mean_over_subsets``).
 SUBSET_METRICS = {"classification": "val_mean_subsets_auroc", "survival": "val_mean_subsets_c_index",
@@ -439,6 +440,9 @@ def train(
             f"training.monitor={tc.monitor!r} is not a validation metric of task "
             f"{cfg.data.task!r}; choose one of {VAL_METRICS[cfg.data.task]}"
         )
+    if tc.selection == "cv":
+        raise ValueError("training.selection=cv trains several models; call train_with_selection "
+                         "(or train_fusions / clinfusediff train), not train()")
 
     # -- processes, device, seeds ------------------------------------------------------------
     owns_group = not torch.distributed.is_initialized()  # train_fusions may have started it
@@ -461,6 +465,16 @@ def train(
             f"the split has {len(train_ds)} training and {len(val_ds)} validation patients; "
             "both must be > 0 (more patients or larger data.val_fraction)"
         )
+    if main:
+        log.info("selection: training.selection=%s on %s (%d validation patients)", tc.selection,
+                 tc.monitor, len(val_ds))
+        if tc.selection == "best" and len(val_ds) < SMALL_VALIDATION:
+            log.warning(
+                "the validation split has only %d patients: the epoch chosen on it is noisy and its "
+                "%s overstates the test value. For a small cohort use training.selection=cv (K-fold "
+                "over train + validation, training.cv_folds=%d) or training.selection=last (fixed "
+                "schedule of training.epochs); the default is best", len(val_ds), tc.monitor,
+                tc.cv_folds)
 
     # -- model ----------------------------------------------------------------------------------
     model = build_model(cfg, cohort.tabular_dims).to(device)
@@ -717,12 +731,110 @@ def train_fusions(
                                          monitor=cfg.training.encoder_monitor or cfg.training.monitor,
                                          selection=cfg.training.encoder_selection or cfg.training.selection),
         )
-        results["encoders"] = train(c1, out_dir / "encoders", cohort=cohort, show_progress=show_progress)
+        results["encoders"] = train_with_selection(c1, out_dir / "encoders", cohort=cohort,
+                                                   show_progress=show_progress, base_out=out_dir)
         encoder_ckpt = results["encoders"].best_path
     for fusion in fusions:
         cf = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion=fusion))
-        results[fusion] = train(cf, out_dir / fusion, cohort=cohort, encoder_checkpoint=encoder_ckpt,
-                                show_progress=show_progress)
+        results[fusion] = train_with_selection(cf, out_dir / fusion, cohort=cohort,
+                                               encoder_checkpoint=encoder_ckpt,
+                                               show_progress=show_progress, base_out=out_dir)
     if owns_group:
         cleanup(dist_info)
     return results
+
+
+def train_with_selection(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    cohort: Any = None,
+    encoder_checkpoint: str | Path | None = None,
+    show_progress: bool = True,
+    base_out: str | Path | None = None,
+) -> TrainResult:
+    """``train`` for ``training.selection`` best | last; for ``cv``, K-fold selection of the epoch
+    count, then the final model.
+
+    cv: the train + validation patients of ``cohort.split`` are cut into ``training.cv_folds``
+    folds (stratified by class for classification, seeded by ``experiment.seed``); fold k trains
+    on the others for the full ``training.epochs`` and records ``training.monitor`` on fold k
+    every epoch (``<out_dir>/cv/fold_<k>/``). The epoch count with the best mean over folds is
+    chosen; the final model trains on the train part for that many epochs with
+    ``selection=last`` (its validation numbers are reported, not used). ``<out_dir>/
+    cv_selection.json`` holds every fold's curve, the mean curve and the choice. The test part
+    is never used.
+
+    Args:
+        base_out: the run folder whose ``cache/`` the folds share (default: ``out_dir``'s parent).
+    """
+    import dataclasses
+    import json
+
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from ..data.dataset import prepare_cohort
+    from ..utils import atomic_write_json
+
+    tc = cfg.training
+    out_dir = Path(out_dir)
+    if tc.selection != "cv":
+        return train(cfg, out_dir, cohort=cohort, encoder_checkpoint=encoder_checkpoint,
+                     show_progress=show_progress)
+    if cohort is None:
+        cohort = prepare_cohort(cfg, out_dir, show_progress=show_progress)
+        base_out = base_out or out_dir
+    k = int(tc.cv_folds)
+    pool = sorted(cohort.split["train"] + cohort.split["val"])
+    if k < 2 or k > len(pool):
+        raise ValueError(f"training.cv_folds={k} must be in [2, {len(pool)}] (the train + validation "
+                         "patients); use training.selection=last for a fixed schedule")
+    base_out = Path(base_out) if base_out is not None else out_dir.parent
+    d = cfg.data
+    labels = None
+    if d.task == "classification":
+        by_id = {}
+        for part in ("train", "val"):
+            ds = cohort.datasets[part]
+            for s in getattr(ds, "samples", []):
+                by_id[s.patient_id] = int(s.target)
+        labels = [by_id.get(p, 0) for p in pool]
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=cfg.experiment.seed) if labels is not None
+                and min(np.bincount(labels)) >= k else KFold(k, shuffle=True, random_state=cfg.experiment.seed))
+    curves: list[list[float]] = []
+    for f, (tr_idx, va_idx) in enumerate(splitter.split(pool, labels if labels is not None else None)):
+        fold_dir = out_dir / "cv" / f"fold_{f + 1}"
+        split_file = fold_dir / "split.json"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(split_file, {"train": [pool[i] for i in tr_idx], "val": [pool[i] for i in va_idx],
+                                       "test": list(cohort.split["test"])})
+        cfg_f = dataclasses.replace(
+            cfg, data=dataclasses.replace(d, root=str(cohort.root), split_file=str(split_file),
+                                          cache_dir=d.cache_dir or str(base_out / "cache")),
+            training=dataclasses.replace(tc, selection="last"))
+        log.info("cv fold %d/%d: %d train / %d validation patients", f + 1, k, len(tr_idx), len(va_idx))
+        cohort_f = prepare_cohort(cfg_f, fold_dir, show_progress=show_progress)
+        r = train(cfg_f, fold_dir, cohort=cohort_f, encoder_checkpoint=encoder_checkpoint,
+                  show_progress=show_progress)
+        curves.append([float(h[tc.monitor]) for h in r.history])
+    mean_curve = np.nanmean(np.asarray(curves, dtype=np.float64), axis=0)  # (epochs,)
+    if np.isnan(mean_curve).all():
+        raise ValueError(f"cross-validation: {tc.monitor} is undefined on every fold and epoch "
+                         "(too few patients or events per fold); use fewer training.cv_folds or "
+                         "training.selection=last")
+    pick = np.nanargmin if monitor_mode(tc.monitor) == "min" else np.nanargmax
+    epochs = int(pick(mean_curve)) + 1
+    log.info("cv selection: %s mean over %d folds is best after %d of %d epochs (%.4g); training the "
+             "final model on the train part for %d epochs", tc.monitor, k, epochs, tc.epochs,
+             mean_curve[epochs - 1], epochs)
+    final = dataclasses.replace(cfg, training=dataclasses.replace(
+        tc, epochs=epochs, selection="last", warmup_epochs=min(tc.warmup_epochs, max(0, epochs // 3))))
+    result = train(final, out_dir, cohort=cohort, encoder_checkpoint=encoder_checkpoint,
+                   show_progress=show_progress)
+    atomic_write_json(out_dir / "cv_selection.json", json.loads(json.dumps({
+        "monitor": tc.monitor, "folds": k, "max_epochs": tc.epochs, "chosen_epochs": epochs,
+        "mean_curve": [None if np.isnan(v) else float(v) for v in mean_curve],
+        "fold_curves": [[None if np.isnan(v) else v for v in c] for c in curves],
+        "fold_sizes": [len(c) for c in curves],
+    })))
+    return result

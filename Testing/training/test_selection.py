@@ -77,3 +77,50 @@ def test_encoder_monitor_is_validated(tmp_path):
     bad = tabular_config(root, ["training.epochs=1", "training.encoder_monitor=val_c_index"])
     with pytest.raises(ValueError, match="training.encoder_monitor"):
         train(bad, tmp_path / "bad", show_progress=False)
+
+
+def test_cv_selection_picks_the_epoch_count_from_the_fold_mean(tmp_path, caplog):
+    """Issue 14 item 5: on a few dozen validation patients the chosen epoch is noise; selection=cv
+    chooses the epoch count on K folds of train + validation, then trains a fixed schedule."""
+    import json
+    import logging
+
+    import numpy as np
+
+    from ClinFuseDiffCore.training.trainer import train_with_selection
+
+    root = write_tabular_cohort(tmp_path / "cohort", n=32)
+    cfg = tabular_config(root, ["training.epochs=4", "model.fusion=mean", "training.monitor=val_auroc",
+                                "training.selection=cv", "training.cv_folds=3", "training.lr=1e-2"])
+    with pytest.raises(ValueError, match="train_with_selection"):
+        train(cfg, tmp_path / "direct", show_progress=False)
+    with caplog.at_level(logging.INFO, logger="ClinFuseDiffCore"):
+        r = train_with_selection(cfg, tmp_path / "cv", show_progress=False)
+    sel = json.loads((tmp_path / "cv" / "cv_selection.json").read_text(encoding="utf-8"))
+    curves = np.array(sel["fold_curves"], dtype=float)  # (3 folds, 4 epochs)
+    assert curves.shape == (3, 4) and sel["folds"] == 3
+    np.testing.assert_allclose(sel["mean_curve"], np.nanmean(curves, 0))
+    assert sel["chosen_epochs"] == int(np.nanargmax(np.nanmean(curves, 0))) + 1
+    # the final model ran exactly the chosen number of epochs, fixed schedule
+    assert len(r.history) == sel["chosen_epochs"] == r.best_epoch
+    # folds cover train + validation exactly once each, never the test part
+    split = json.loads((tmp_path / "cv" / "split.json").read_text(encoding="utf-8"))
+    seen = []
+    for f in range(1, 4):
+        fs = json.loads((tmp_path / "cv" / "cv" / f"fold_{f}" / "split.json").read_text(encoding="utf-8"))
+        assert not set(fs["val"]) & set(split["test"]) and not set(fs["train"]) & set(split["test"])
+        seen += fs["val"]
+    assert sorted(seen) == sorted(split["train"] + split["val"])
+    assert any("cv selection: val_auroc mean over 3 folds" in m for m in caplog.messages)
+
+
+def test_small_validation_split_is_said(tmp_path, caplog):
+    import logging
+
+    root = write_tabular_cohort(tmp_path / "cohort")
+    cfg = tabular_config(root, ["training.epochs=1", "model.fusion=mean", "training.monitor=val_auroc"])
+    with caplog.at_level(logging.INFO, logger="ClinFuseDiffCore"):
+        train(cfg, tmp_path / "run", show_progress=False)
+    warned = [m for m in caplog.messages if "validation split has only 6 patients" in m]
+    assert len(warned) == 1 and "training.selection=cv" in warned[0] and "the default is best" in warned[0]
+    assert any(m.startswith("selection: training.selection=best on val_auroc (6 validation") for m in caplog.messages)
