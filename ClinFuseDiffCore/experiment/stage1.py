@@ -79,20 +79,21 @@ def train_stage1(cfg, sweep, data: ArrayCohort, seed: int,
         for b in range(steps_per_epoch):
             idx = np.sort(order[b * bs:(b + 1) * bs])
             batch = data.batch(idx)
-            present = torch.from_numpy(data.present[idx])
             sub = torch.from_numpy(sample_subset_masks(data.present[idx], mode, rng))  # (B, M)
-            tokens = model.encode(batch, present)  # (B, M, E) every modality the patient has
+            # Encode only the drawn subset (half the modalities on average): the fused head, the
+            # unimodal heads and the volume heads all train on the tokens of that subset.
+            tokens = model.encode(batch, sub)  # (B, M, E), 0 outside the subset
             y = labels[idx]
             fused = model.head(model.fusion(tokens, sub))  # (B, C)
             l_fused = F.cross_entropy(fused, y)
             uni = torch.stack([h(tokens[:, j]) for j, h in enumerate(net.unimodal)], 1)  # (B, M, C)
             ce = F.cross_entropy(uni.flatten(0, 1), y.repeat_interleave(uni.shape[1]), reduction="none")
-            w = present.flatten().float()
+            w = sub.flatten().float()
             l_uni = (ce * w).sum() / w.sum().clamp_min(1)
             a = aux[idx]  # (B, 3)
             l_aux = tokens.new_zeros(())
             for k, (col, h) in enumerate(zip(net.image_cols, net.aux)):
-                rows = present[:, col] & torch.isfinite(a).all(1)
+                rows = sub[:, col] & torch.isfinite(a).all(1)
                 if rows.any():
                     l_aux = l_aux + F.mse_loss(h(tokens[rows, col]), a[rows]) / len(net.aux)
             loss = l_fused + sweep.unimodal_weight * l_uni + sweep.aux_weight * l_aux
@@ -102,7 +103,7 @@ def train_stage1(cfg, sweep, data: ArrayCohort, seed: int,
             opt.step()
             sched.step()
             step += 1
-            sums += [loss.item(), l_fused.item(), l_uni.item(), float(l_aux)]
+            sums += [loss.item(), l_fused.item(), l_uni.item(), l_aux.item()]
         rec = dict(zip(("loss", "fused", "unimodal", "aux"), (sums / steps_per_epoch).round(4).tolist()))
         rec.update(epoch=epoch + 1, seconds=round(time.perf_counter() - t0, 1))
         log.append(rec)
