@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# README command (b): install everything (with the test, brain-extraction and TotalSegmentator
-# extras) and run the test suite.
+# README command (b): install everything (with the test, brain-extraction, TotalSegmentator and
+# real-data benchmark extras; the benchmark's GPL packages are test/benchmark-only, never a
+# runtime dependency) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/install.sh test,brain,totalseg
+scripts/install.sh test,brain,totalseg,benchmark
 .venv/bin/python -m pytest Testing "$@"
