@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install.sh test,brain,totalseg,benchmark
+scripts/install_web.sh  # slicer-core, trame-slicer, playwright, chromium: Testing/slicer on real MRML and in a browser
 .venv/bin/python -m pytest Testing "$@"

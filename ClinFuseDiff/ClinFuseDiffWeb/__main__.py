@@ -1,0 +1,3 @@
+from ClinFuseDiffWeb.app import main
+
+main()
