@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config or sweep value, e.g. --set sweep.n_test=500 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--units-only", action="store_true", help=argparse.SUPPRESS)  # a worker of sweep.jobs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from ..experiment.sweep import run_sweep
 
     cfg, sweep = load_research_config(args.config, args.overrides)
-    res = run_sweep(cfg, sweep, args.out, progress=not args.no_progress)
+    res = run_sweep(cfg, sweep, args.out, progress=not args.no_progress, units_only=args.units_only)
+    if args.units_only:
+        return 0
     print((__import__("pathlib").Path(args.out) / "results.md").read_text(encoding="utf-8"))
     print(f"clinfusediff experiment: done in {res['wall_seconds'] / 60:.1f} min; "
           f"verdict in {args.out}/results.json and results.md")

@@ -38,7 +38,7 @@ class SweepConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     reference: str = "attention"
     # stage 1 (encoders): fixed schedule, no selection
-    stage1_epochs: int = 12
+    stage1_epochs: int = 40
     stage1_batch_size: int = 16
     stage1_lr: float = 2.0e-3
     unimodal_weight: float = 1.0  # per-modality heads: every token must predict the label alone
@@ -53,7 +53,10 @@ class SweepConfig:
     samples: int = 4  # K diffusion samples per evaluation row
     dedicated_random: int = 8  # dedicated models: singletons + full set + this many random subsets
     n_boot: int = 1000
-    threads: int = 2  # torch threads
+    threads: int = 2  # torch threads (of each job)
+    # Parallel jobs for the method units: after stage 1, `jobs` worker processes (one torch thread
+    # each) take the training seeds in turn (seed i -> job i % jobs); the results do not depend on it.
+    jobs: int = 2
 
 
 def load_research_config(path: str = "research", overrides: Optional[list[str]] = None) -> tuple[Config, SweepConfig]:

@@ -112,7 +112,7 @@ def _check_settings(out: Path, cfg, sweep) -> None:
                 if json.dumps(now[sec].get(k), sort_keys=True) != json.dumps(old.get(sec, {}).get(k), sort_keys=True)]
         # Adding seeds or methods extends a sweep; anything else would mix results.
         fatal = [k for k in diff if k not in ("sweep.seeds", "sweep.methods", "sweep.n_boot", "sweep.threads",
-                                              "sweep.workers")]
+                                              "sweep.workers", "sweep.jobs")]
         if fatal:
             raise ValueError(
                 f"{out} holds a sweep run with other settings ({', '.join(sorted(fatal))}); "
@@ -120,15 +120,53 @@ def _check_settings(out: Path, cfg, sweep) -> None:
     atomic_write_json(f, now)
 
 
+def _run_jobs(cfg, sweep, out: Path, prog: "Progress") -> None:
+    """Run the method units of ``sweep.seeds`` in ``sweep.jobs`` worker processes (seed i -> job
+    i % jobs, one torch thread each). Each worker is this command on the same folder with a seed
+    shard and ``units_only``; its units are the same files a single process would write."""
+    import subprocess
+    import yaml
+
+    shards = [sweep.seeds[i::sweep.jobs] for i in range(sweep.jobs)]
+    shards = [s for s in shards if s]
+    procs = []
+    for k, seeds in enumerate(shards):
+        raw = cfg.to_dict()
+        raw["sweep"] = {**asdict(sweep), "seeds": seeds, "jobs": 1, "threads": 1}
+        cfg_file = out / f".job{k}.yaml"
+        atomic_write_text(cfg_file, yaml.safe_dump(raw, sort_keys=False))
+        log_file = open(out / f".job{k}.log", "w", encoding="utf-8")
+        cmd = [sys.executable, "-m", "ClinFuseDiffCore.cli", "experiment", "--config", str(cfg_file),
+               "--out", str(out), "--units-only"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs.append((k, seeds, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file))
+        prog.say(f"job {k}: seeds {seeds} (log {out / f'.job{k}.log'})")
+    failed = []
+    try:
+        for k, seeds, p, f in procs:
+            rc = p.wait()
+            f.close()
+            if rc != 0:
+                failed.append((k, rc))
+    finally:
+        for _, _, p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+    if failed:
+        raise RuntimeError(f"experiment jobs {failed} failed; see {out}/.job<k>.log; rerun to continue")
+
+
 def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
-              data: Optional[ArrayCohort] = None) -> dict[str, Any]:
-    """Run (or continue) the whole experiment and write the verdict. Returns results.json's dict."""
+              data: Optional[ArrayCohort] = None, units_only: bool = False) -> dict[str, Any]:
+    """Run (or continue) the whole experiment and write the verdict. Returns results.json's dict
+    (``units_only``: a worker of ``_run_jobs``; runs its units, writes no verdict, returns {})."""
     from ..evaluation.protocol import enumerate_subsets
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, cfg, sweep)
+    if not units_only:
+        _check_settings(out, cfg, sweep)
     torch.set_num_threads(int(sweep.threads))
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.perf_counter()
@@ -151,7 +189,7 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
             for m in methods:
                 if m != "oracle_hidden":
                     units.append((m, (s1, r)))
-    if "oracle_hidden" in methods:
+    if "oracle_hidden" in methods and not units_only:
         units.append(("oracle_hidden", None))
     prog = Progress(units, progress)
     prog.say(f"data ready in {data_seconds:.0f} s: {len(data.ids)} patients "
@@ -159,7 +197,17 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
 
     labels_t = torch.from_numpy(data.labels)
     cache: dict[Any, Any] = {}
+    jobs_done = not (sweep.jobs > 1 and len(sweep.seeds) > 1 and not units_only)
     for kind, key in units:
+        if kind != "stage1":
+            # Method units always run on one thread, so results do not depend on sweep.jobs.
+            torch.set_num_threads(1)
+        if kind != "stage1" and not jobs_done:
+            pending = [u for u in units if u[0] not in ("stage1", "oracle_hidden")
+                       and not (out / f"s1_{u[1][0]}" / u[0] / f"seed{u[1][1]}.npz").exists()]
+            if pending:
+                _run_jobs(cfg, sweep, out, prog)
+            jobs_done = True
         t_unit = time.perf_counter()
         if kind == "stage1":
             f = out / f"s1_{key}" / "stage1.pt"
@@ -256,6 +304,8 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
         _save_npz(f, val=vs, test=ts, meta=np.array(json.dumps(meta)), **extra)
         prog.finish(kind, time.perf_counter() - t_unit, f"{kind} seed {r}")
 
+    if units_only:
+        return {}
     from .verdict import write_verdict
 
     result = write_verdict(out, cfg, sweep, data, subsets, ded, wall_seconds=time.perf_counter() - t_start,
