@@ -33,7 +33,12 @@ def run(args: argparse.Namespace) -> int:
     res = run_sweep(cfg, sweep, args.out, progress=not args.no_progress, units_only=args.units_only)
     if args.units_only:
         return 0
-    print((__import__("pathlib").Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    import sys
+    from pathlib import Path
+
+    text = (Path(args.out) / "results.md").read_text(encoding="utf-8")
+    enc = sys.stdout.encoding or "utf-8"
+    print(text.encode(enc, errors="replace").decode(enc))  # an ASCII terminal gets '?' for Δ
     print(f"clinfusediff experiment: done in {res['wall_seconds'] / 60:.1f} min; "
           f"verdict in {args.out}/results.json and results.md")
     return 0

@@ -38,7 +38,7 @@ class SweepConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     reference: str = "attention"
     # stage 1 (encoders): fixed schedule, no selection
-    stage1_epochs: int = 40
+    stage1_epochs: int = 12
     stage1_batch_size: int = 16
     stage1_lr: float = 2.0e-3
     unimodal_weight: float = 1.0  # per-modality heads: every token must predict the label alone

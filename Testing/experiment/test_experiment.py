@@ -34,7 +34,9 @@ def _cmd(out: Path, cohort: Path, extra=()) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # An ASCII locale without UTF-8 coercion, as CI runs: output must still be written.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "LC_ALL": "C",
+            "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def _numbers(results: dict) -> dict:
 @pytest.mark.slow
 def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    done = subprocess.run(_cmd(a, cohort), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cmd(a, cohort), env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     res_a = json.loads((a / "results.json").read_text())
     assert res_a["schema"] == "clinfusediff.experiment/1"
@@ -76,7 +78,7 @@ def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     assert v["attention"]["summaries"]["mean_over_subsets"]["diff_vs_reference"]["value"] == 0.0
 
     # Kill a second run after its first method unit is written, then continue it.
-    proc = subprocess.Popen(_cmd(b, cohort), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(b, cohort), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     first = b / "s1_0" / "attention" / "seed0.npz"
     t0 = time.time()
@@ -88,7 +90,7 @@ def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     assert not (b / "results.json").exists()
     before = {p: p.stat().st_mtime_ns for p in b.rglob("*.npz")} | {p: p.stat().st_mtime_ns for p in b.rglob("*.pt")}
     assert before and not list(b.rglob("*.tmp")), "a killed run must leave only whole files"
-    done = subprocess.run(_cmd(b, cohort), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cmd(b, cohort), env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reused" in done.stderr
     for p, t in before.items():
@@ -98,7 +100,7 @@ def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     assert _numbers(res_a) == _numbers(res_b)
 
     # A rerun into the same folder with other settings is refused, naming the key.
-    bad = subprocess.run(_cmd(b, cohort, ["sweep.steps=16"]), env=_env(), capture_output=True, text=True,
+    bad = subprocess.run(_cmd(b, cohort, ["sweep.steps=16"]), env=_env(), capture_output=True, encoding="utf-8", errors="replace",
                          timeout=300)
     assert bad.returncode == 1 and "sweep.steps" in bad.stderr
 
