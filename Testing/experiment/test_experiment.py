@@ -61,7 +61,9 @@ def _numbers(results: dict) -> dict:
 @pytest.mark.slow
 def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    done = subprocess.run(_cmd(a, cohort), env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    # Run a in one process, run b (killed, then resumed) in 2 worker jobs: the numbers must agree.
+    done = subprocess.run(_cmd(a, cohort, ["sweep.jobs=1"]), env=_env(), capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     res_a = json.loads((a / "results.json").read_text())
     assert res_a["schema"] == "clinfusediff.experiment/1"
@@ -90,7 +92,8 @@ def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     assert not (b / "results.json").exists()
     before = {p: p.stat().st_mtime_ns for p in b.rglob("*.npz")} | {p: p.stat().st_mtime_ns for p in b.rglob("*.pt")}
     assert before and not list(b.rglob("*.tmp")), "a killed run must leave only whole files"
-    done = subprocess.run(_cmd(b, cohort), env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    done = subprocess.run(_cmd(b, cohort), env=_env(), capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reused" in done.stderr
     for p, t in before.items():
