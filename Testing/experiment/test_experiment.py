@@ -95,7 +95,6 @@ def test_deterministic_rerun_and_resume_of_killed_sweep(cohort, tmp_path):
     done = subprocess.run(_cmd(b, cohort), env=_env(), capture_output=True, encoding="utf-8", errors="replace",
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "reused" in done.stderr
     for p, t in before.items():
         assert p.stat().st_mtime_ns == t, f"{p} was recomputed"
     res_b = json.loads((b / "results.json").read_text())
