@@ -56,11 +56,6 @@ def _save_npz(path: Path, **arrays: Any) -> None:
             np.savez(f, **arrays)
 
 
-def _load_npz(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def dedicated_subsets(subsets: list[tuple[str, ...]], n_random: int, seed: int) -> list[int]:
     """Indices of the subsets that get a dedicated model: every singleton, the full set, and
     ``n_random`` others drawn with a fixed seed."""
