@@ -58,6 +58,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"clinfusediff {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # A fault of the machine (disk full, read-only folder, no permission, I/O error) that no
+        # lower layer named: one line with the path and the fix (utils.environment_fault).
+        import os
+
+        from .utils import environment_fault, is_environment_fault
+
+        if not is_environment_fault(e) or os.environ.get("CLINFUSEDIFF_DEBUG"):
+            raise
+        print(f"clinfusediff {args.command}: error: {environment_fault(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -44,8 +45,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix or path.suffix) + ".tmp",
-                               dir=path.parent)
+    # The writer's process ID is in the name, so a later run can tell a dead run's leftover
+    # (removed by ``remove_stale_temps``) from a file another live process is still writing.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.p{os.getpid()}-",
+                               suffix=(suffix or path.suffix) + ".tmp", dir=path.parent)
     os.close(fd)
     tmp_p = Path(tmp)
     try:
@@ -60,6 +63,102 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_p.exists():
             tmp_p.unlink()
+
+
+# ``atomic_path``'s temporary names: ".<name>.p<pid>-<random><suffix>.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.p(?P<pid>\d+)-[A-Za-z0-9_]+.*\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that killed runs left in ``folder`` (``atomic_path``'s names,
+    written by a process that no longer exists); returns what was removed.
+
+    Files of live processes (another run writing now) and every other file are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for f in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        m = _TEMP_NAME.match(f.name)
+        if m is None or not f.is_file() or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Faults of the machine, not of the data
+# --------------------------------------------------------------------------------------------
+#: errno values that mean "the machine cannot read or write there" (disk full, quota, read-only
+#: file system, no permission, I/O error): a run stops on them instead of skipping a patient.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                errno.EPERM, errno.EIO})
+
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or point the output/cache folder at a disk "
+                  "with room, then rerun (finished files are reused)",
+    errno.EDQUOT: "the disk quota is used up: free space there, or point the output/cache folder "
+                  "elsewhere, then rerun (finished files are reused)",
+    errno.EROFS: "the file system is read-only: choose a writable output/cache folder, then rerun",
+    errno.EACCES: "no permission: fix the folder's permissions or choose one you can write, then rerun",
+    errno.EPERM: "operation not permitted: fix the folder's permissions or choose another one, then rerun",
+    errno.EIO: "the disk reported an I/O error: check the disk (dmesg, fsck) or use another one, then rerun",
+}
+
+
+class EnvironmentFault(RuntimeError):
+    """The machine failed (disk full, read-only, no permission, I/O error), not the data: the run
+    stops with this one-line message naming the path and the fix, instead of skipping patients.
+
+    Attributes:
+        path: the file or folder concerned; errno: the OS error number.
+    """
+
+    def __init__(self, message: str, path: str | None = None, errno_: int | None = None):
+        super().__init__(message)
+        self.path, self.errno = path, errno_
+
+    def __reduce__(self):  # keeps path/errno across process pools
+        return (type(self), (str(self), self.path, self.errno))
+
+
+def is_environment_fault(e: BaseException) -> bool:
+    """True for an ``EnvironmentFault`` or an ``OSError`` whose errno is in ``ENVIRONMENT_ERRNOS``."""
+    return isinstance(e, EnvironmentFault) or (
+        isinstance(e, OSError) and getattr(e, "errno", None) in ENVIRONMENT_ERRNOS)
+
+
+def environment_fault(e: OSError, action: str = "write", path: str | os.PathLike | None = None
+                      ) -> EnvironmentFault:
+    """The ``EnvironmentFault`` for an OS error: ``cannot <action> <path>: <reason>; <fix>``."""
+    if isinstance(e, EnvironmentFault):
+        return e
+    where = str(path if path is not None else (e.filename or "?"))
+    code = getattr(e, "errno", None)
+    reason = e.strerror or str(e)
+    name = errno.errorcode.get(code, "") if code is not None else ""
+    fix = _FIXES.get(code, "check the disk and the folder's permissions, then rerun")
+    return EnvironmentFault(f"cannot {action} {where}: {reason}{f' ({name})' if name else ''}; {fix}",
+                            where, code)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

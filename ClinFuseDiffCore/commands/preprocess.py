@@ -61,11 +61,13 @@ def run(args: argparse.Namespace) -> int:
                          progress=not args.no_progress)
 
     c = report.counts()
-    print(f"preprocessed {len(records)} patients into {out} in {report.seconds:.1f} s: "
-          f"{c['built']} built, {c['hit']} reused from the cache, {c['rebuilt']} rebuilt "
-          f"(corrupt entry), {c['failed']} failed; {len(skips)} folders skipped by discovery")
     for s in skips:
         print(f"  skipped {s}")
     for pid, reason in report.failed:
         print(f"  failed {pid}: {reason}")
+    # The last line says how many patients are NOT in the cache (also in <out>/index.json).
+    print(f"preprocessed {len(records)} patients into {out} in {report.seconds:.1f} s: "
+          f"{c['built']} built, {c['hit']} reused from the cache, {c['rebuilt']} rebuilt "
+          f"(corrupt entry), {c['failed']} failed (bad patient data, listed above and in "
+          f"{Path(out) / 'index.json'}); {len(skips)} folders skipped by discovery")
     return 0 if report.statuses else 1

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..config import PreprocessingConfig
-from ..utils import atomic_path, atomic_write_json
+from ..utils import (EnvironmentFault, atomic_path, atomic_write_json, environment_fault,
+                     is_environment_fault, remove_stale_temps)
 from .preprocess import PreprocessedPatient, config_params, preprocess_patient
 from .volume import Volume
 
@@ -192,14 +193,26 @@ class PreprocessCache:
             raw = p.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if is_environment_fault(e):
+                raise environment_fault(e, "read the cache entry", p) from e
+            raise
         return decode_entry(key, raw, str(p))
 
     def save(self, key: str, patient: PreprocessedPatient) -> Path:
-        """Write an entry atomically (temp file + rename); returns its path."""
+        """Write an entry atomically (temp file + rename); returns its path.
+
+        Raises:
+            EnvironmentFault: the entry cannot be written (disk full, read-only, no permission,
+                I/O error...): a fault of the machine that stops the run, never a bad patient.
+        """
         p = self.path(key)
         data = encode_entry(key, patient)
-        with atomic_path(p, suffix=".npz") as tmp:
-            tmp.write_bytes(data)
+        try:
+            with atomic_path(p, suffix=".npz") as tmp:
+                tmp.write_bytes(data)
+        except OSError as e:
+            raise environment_fault(e, "write the cache entry", p) from e
         return p
 
     def load_or_build(self, record_or_volumes: Any, cfg: PreprocessingConfig, *,
@@ -273,6 +286,13 @@ class CacheReport:
 _WORKER_BACKENDS: dict[str, Any] = {}
 
 
+def _write_index(path: Path, obj: dict) -> None:
+    try:
+        atomic_write_json(path, obj)
+    except OSError as e:
+        raise environment_fault(e, "write the cache index", path) from e
+
+
 def _build_one(args: tuple) -> tuple[str, Optional[str], Optional[str], Optional[str]]:
     """One patient in a worker process: (patient ID, status, key, error)."""
     record, cfg, root = args
@@ -284,7 +304,13 @@ def _build_one(args: tuple) -> tuple[str, Optional[str], Optional[str], Optional
     try:
         cache.load_or_build(record, cfg, backend=_WORKER_BACKENDS[cfg.mask_backend])
         return record.patient_id, cache.last_status, cache.last_key, None
-    except (ValueError, OSError, RuntimeError) as e:
+    except EnvironmentFault:
+        raise  # the machine, not the patient: stop the run
+    except OSError as e:
+        if is_environment_fault(e):
+            raise environment_fault(e, "read") from e
+        return record.patient_id, None, None, f"{type(e).__name__}: {e}"
+    except (ValueError, RuntimeError) as e:
         return record.patient_id, None, None, f"{type(e).__name__}: {e}"
 
 
@@ -302,9 +328,14 @@ def build_cache(records: Sequence[Any], cfg: PreprocessingConfig, root: Union[st
         callback: ``callback(done, total)`` after each patient (GUI progress).
 
     Returns:
-        :class:`CacheReport`. A patient whose inputs are unusable (unreadable file, NaN voxels,
+        :class:`CacheReport`. A patient whose inputs are unusable (corrupt file, NaN voxels,
         modalities that do not overlap, ...) is listed in ``failed`` with the reason and logged;
-        the others are still processed. ``ROOT/index.json`` records the run.
+        the others are still processed. ``ROOT/index.json`` records the run. Temporary files
+        left in the cache by a killed run are removed first.
+
+    Raises:
+        EnvironmentFault: a fault of the machine (disk full, read-only or unwritable cache,
+            I/O error, an input the process may not read): the run stops, naming the path.
     """
     import time
 
@@ -316,6 +347,9 @@ def build_cache(records: Sequence[Any], cfg: PreprocessingConfig, root: Union[st
     # Fail fast (missing optional package, no weights) before any patient; reused in-process.
     _WORKER_BACKENDS[cfg.mask_backend] = make_backend(cfg)
     t0 = time.perf_counter()
+    removed = remove_stale_temps(root, recursive=True)
+    if removed:
+        log.info("removed %d temporary files left in %s by a killed run", len(removed), root)
     report = CacheReport()
     jobs = [(r, cfg, str(root)) for r in records]
     bar = tqdm(total=len(jobs), desc="preprocess", unit="patient", disable=not progress)
@@ -346,9 +380,10 @@ def build_cache(records: Sequence[Any], cfg: PreprocessingConfig, root: Union[st
     finally:
         bar.close()
     report.seconds = time.perf_counter() - t0
-    atomic_write_json(Path(root) / "index.json", {
+    _write_index(Path(root) / "index.json", {
         "params": config_params(cfg), "keys": report.keys, "statuses": report.statuses,
         "failed": [{"patient_id": p, "reason": r} for p, r in report.failed],
+        "failed_count": len(report.failed),
         "seconds": round(report.seconds, 2),
     })
     return report

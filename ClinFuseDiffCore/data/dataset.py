@@ -711,6 +711,7 @@ def prepare_cohort(cfg, out_dir: str | Path, dist_info: Any = None, show_progres
     from .cache import PreprocessCache
     from .discovery import Skip, load_cohort
     from .tabular import TabularNormalizer
+    from ..utils import environment_fault, is_environment_fault
 
     out_dir = Path(out_dir)
     rank0 = dist_info is None or dist_info.is_main
@@ -746,6 +747,10 @@ def prepare_cohort(cfg, out_dir: str | Path, dist_info: Any = None, show_progres
         cache = PreprocessCache(d.cache_dir or out_dir / "cache")
         if not rank0:
             sync()
+        else:
+            from ..utils import remove_stale_temps
+
+            remove_stale_temps(cache.root, recursive=True)  # left by a killed run
         with_images = [r for r in cohort.records if r.images]
         n_vox = int(np.prod(cfg.preprocessing.target_shape))
         preload = len(with_images) * len(image_mods) * n_vox * 4 <= PRELOAD_LIMIT_BYTES
@@ -754,6 +759,11 @@ def prepare_cohort(cfg, out_dir: str | Path, dist_info: Any = None, show_progres
             try:
                 p = cache.load_or_build(rec, cfg.preprocessing)
             except (ValueError, FileNotFoundError, OSError) as e:
+                # A fault of the machine (disk full, no permission, I/O error) stops the run; only
+                # a patient's own bad data is skipped. (Cache write errors arrive as
+                # utils.EnvironmentFault, which is not caught here.)
+                if is_environment_fault(e):
+                    raise environment_fault(e, "read") from e
                 s = Skip(str(rec.root or rec.patient_id), f"preprocessing failed: {e}; left out")
                 log.warning("skipped %s", s)
                 skips.append(s)
