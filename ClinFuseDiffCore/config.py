@@ -387,7 +387,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key = key.strip()
         if key.startswith("--"):
             key = key[2:]
-        value = yaml.safe_load(text) if text.strip() != "" else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: the value {text!r} is not valid YAML "
+                              f"({_yaml_problem(e)}); close every bracket and quote, e.g. "
+                              "preprocessing.spacing=[2,2,2]") from e
         # YAML 1.1 reads "1e-4" as a string; accept it as a float.
         if isinstance(value, str):
             try:
@@ -396,6 +401,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 pass
         _set_dotted(raw, key, value)
     return raw
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line from a YAML error: the problem and its line/column."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
@@ -421,13 +434,48 @@ def load_config(
     raw: dict[str, Any] = {}
     if path is not None:
         p = resolve_config_path(path)
-        with open(p, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        if p.is_dir():
+            raise ConfigError(f"config {p} is a folder; give a YAML file (e.g. {p / 'config.yaml'}) "
+                              "or a name in Resources/Configs")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it "
+                              "as UTF-8 YAML") from e
+        except OSError as e:
+            raise ConfigError(f"config {p} cannot be read ({e.strerror or e})") from e
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p} is not valid YAML ({_yaml_problem(e)}); fix the file "
+                              "(indent with spaces, not tabs; close every bracket and quote)") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         raw = loaded
     raw = apply_overrides(raw, list(overrides or []))
-    return resolve_task_defaults(Config.from_dict(raw))
+    cfg = Config.from_dict(raw)
+    check_values(cfg)
+    return resolve_task_defaults(cfg)
+
+
+# Counts that must be at least 1 (a zero trains or samples nothing, and fails later with a message
+# about something else, e.g. training.epochs=0 -> "encoders/last.pt not found").
+POSITIVE_INTS = ("training.epochs", "training.encoder_epochs", "training.batch_size",
+                 "training.grad_accum_steps", "diffusion.num_train_timesteps",
+                 "diffusion.num_inference_steps", "diffusion.num_samples", "model.embed_dim")
+
+
+def check_values(cfg: Config) -> None:
+    """Refuse values of the right type that cannot work (``POSITIVE_INTS`` below 1).
+
+    Raises:
+        ConfigError: naming the key, the value and what is allowed.
+    """
+    for dotted in POSITIVE_INTS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value < 1:
+            raise ConfigError(f"config key {dotted!r}: {value} is not allowed; give an integer >= 1")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
