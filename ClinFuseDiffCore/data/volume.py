@@ -105,6 +105,8 @@ class Volume:
                 f"{path}: cannot read as NIfTI ({type(e).__name__}: {e}); the file is corrupt or "
                 "truncated — re-export or re-download it"
             ) from e
+        if isinstance(img, nib.Nifti1Image):
+            check_nifti_spacing(raw_nifti_header(path, img), str(path))
         affine, which = nifti_affine(img, source=str(path))
         return cls(data, affine, source=str(path), meta={"nifti_xform": which})
 
@@ -240,14 +242,53 @@ def _check_nifti_data(path: Path) -> None:
     import nibabel as nib
 
     try:
-        data = np.asarray(nib.load(str(path)).dataobj)
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for corrupt files
         raise ValueError(f"{type(e).__name__}: {e}") from e
+    if isinstance(img, nib.Nifti1Image):
+        check_nifti_spacing(raw_nifti_header(path, img), str(path))  # ITK reads a 0 spacing as 1 mm
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         bad = ~np.isfinite(data)
         first = tuple(int(x) for x in np.argwhere(bad)[0])
         raise ValueError(f"{int(bad.sum())} NaN/Inf voxel(s) (first at voxel {first}) — ITK would "
                          "silently turn them into 0; fix or re-export the image")
+
+
+def raw_nifti_header(path: str | Path, img):
+    """``img``'s header as stored in the file at ``path``: nibabel "fixes" some fields on load
+    (a zero or negative ``pixdim`` becomes 1 or its absolute value, with only a log line)."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        return type(img.header).from_fileobj(f, check=False)
+
+
+def check_nifti_spacing(header, source: str = "<nifti>") -> None:
+    """Refuse a NIfTI header whose voxel spacing is zero, negative or not finite.
+
+    ``pixdim[1..3]`` must be positive and finite (the NIfTI standard; the qform and ITK's spacing
+    use them whatever the sform says); nibabel and ITK would read a 0 as 1 mm and a negative as its
+    absolute value with only a warning, without the file name. A coded sform must have columns of
+    positive finite length (its own voxel size).
+
+    Raises:
+        ValueError: naming ``source``, the header field and its values.
+    """
+    pix = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if not (np.all(np.isfinite(pix)) and np.all(pix > 0)):
+        raise ValueError(
+            f"{source}: the NIfTI header's voxel spacing pixdim[1..3] = {pix.tolist()} mm is not "
+            "allowed (each must be a positive finite number; 0 would be read as 1 mm); fix the "
+            "header or re-export the image with its true spacing")
+    if int(header["sform_code"]) > 0:
+        srow = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)  # (3, 4)
+        sizes = np.sqrt((srow[:, :3] ** 2).sum(axis=0))  # voxel size along i, j, k
+        if not (np.all(np.isfinite(srow)) and np.all(sizes > 0)):
+            raise ValueError(
+                f"{source}: the NIfTI sform (code {int(header['sform_code'])}) gives voxel sizes "
+                f"{np.round(sizes, 4).tolist()} mm and offsets {srow[:, 3].tolist()}; each size must "
+                "be a positive finite number — fix the header or re-export the image")
 
 
 def nifti_affine(img, source: str = "<nifti>") -> tuple[np.ndarray, str]:
