@@ -1,7 +1,7 @@
 """Performance benchmark (issue 7): ``python training/benchmark.py [--config demo] [--out DIR]
 [--quick] [--run RUN_DIR] [--device cuda]``. Prints a table and writes ``<out>/benchmark.json``.
 The same code path as ``clinfusediff benchmark`` (this script only calls it); the measurements
-are described in ``ClinFuseDiffCore/benchmark.py`` and ``docs/BENCHMARK.md``."""
+are described in ``ClinFuseDiffCore/benchmark/`` and ``docs/BENCHMARK.md``."""
 
 import sys
 from pathlib import Path

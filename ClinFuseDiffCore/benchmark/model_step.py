@@ -1,7 +1,8 @@
 """Measure one training step (compute_losses + backward) and one prediction of the full model.
 
-Usage: python scripts/bench_model_step.py [--config demo] [--batch 8] [--repeats 3] [--threads 2]
+Usage: python training/benchmark_model_step.py [--config demo] [--batch 8] [--repeats 3] [--threads 2]
        [--device cpu|cuda] [overrides ...]
+       (or python -m ClinFuseDiffCore.benchmark.model_step ...)
 
 Random inputs of the config's target shape; every modality available, with a 30% simulated drop
 for the condition. Prints measured seconds per step for each fusion type.
@@ -16,10 +17,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ClinFuseDiffCore.config import load_config  # noqa: E402
-from ClinFuseDiffCore.models import build_model  # noqa: E402
+from ..config import load_config
+from ..models import build_model
 
 
 def make_batch(cfg, model, B: int, device: torch.device) -> dict:
@@ -59,7 +58,7 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo")
     ap.add_argument("--batch", type=int, default=8)
@@ -69,7 +68,7 @@ def main() -> None:
     ap.add_argument("--fusions", default="mean,attention,diffusion")
     ap.add_argument("--amp", default="none", choices=["none", "bf16"])
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
@@ -105,7 +104,8 @@ def main() -> None:
         print(f"{fusion:9s} params {n_params / 1e6:.2f} M | train step (B={args.batch}, "
               f"{tuple(cfg.preprocessing.target_shape)}) {t_train:.3f} s | predict "
               f"(K={cfg.diffusion.num_samples}) {t_pred:.3f} s{mem}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,8 +16,10 @@ Usage::
 
     python training/benchmark_preprocess.py            # demo-sized cohort + a BraTS-sized case
     python training/benchmark_preprocess.py --quick    # small, for CI smoke runs
+    python -m ClinFuseDiffCore.benchmark.preprocess    # the same
 
-``run(quick)`` returns the figures as a dict (the issue-7 benchmark imports it).
+``run(quick)`` returns the figures as a dict; ``bench_preprocess(quick)`` turns its first case
+into row 5 of ``clinfusediff benchmark``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ClinFuseDiffCore.config import PreprocessingConfig, load_config  # noqa: E402
-from ClinFuseDiffCore.data.cache import PreprocessCache  # noqa: E402
-from ClinFuseDiffCore.data.discovery import PatientRecord, discover_patients  # noqa: E402
-from ClinFuseDiffCore.data.preprocess import make_backend, preprocess_patient  # noqa: E402
+from ..config import PreprocessingConfig, load_config
+from ..data.cache import PreprocessCache
+from ..data.discovery import PatientRecord, discover_patients
+from ..data.preprocess import make_backend, preprocess_patient
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -85,7 +85,7 @@ def _bench_records(label: str, records: list[PatientRecord], cfg: PreprocessingC
     t_full = sum(_median_time(lambda r=r: preprocess_patient(r, cfg, backend=backend), repeats)
                  for r in records)
 
-    from ClinFuseDiffCore.data.volume import Volume
+    from ..data.volume import Volume
 
     t_read = sum(_median_time(lambda r=r: [Volume.from_file(p) for p in r.images.values()], repeats)
                  for r in records)
@@ -187,7 +187,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         ``{"cases": [per-case dict with ms_per_volume and ratios], "geometry":
         geometry_check(...) on the demo cohort, "quick": bool}``.
     """
-    from ClinFuseDiffCore.data.synth.cohort import generate_cohort
+    from ..data.synth.cohort import generate_cohort
 
     cfg_all = load_config("demo")
     results = []
@@ -207,6 +207,15 @@ def run(quick: bool = False) -> dict[str, Any]:
             results.append(_bench_records("BraTS-sized 240x240x155 @1 mm (default preprocessing)",
                                           [big], cfg, tmp / "cache_big", 3))
     return {"quick": quick, "cases": results, "geometry": geometry}
+
+
+def bench_preprocess(quick: bool) -> dict[str, Any]:
+    """Row 5 of the benchmark from ``run(quick)`` (its first case: the demo cohort)."""
+    res = run(quick)
+    r = res["cases"][0]["ratios"]
+    return {"preprocess_vs_sitk": r["ours_with_mask / plain_sitk"],
+            "preprocess_no_mask_vs_sitk": r["ours_no_mask / plain_sitk"],
+            "cache_vs_raw": 1.0 / r["cache_hit / build_from_raw"], "details": res}
 
 
 def main(argv: list[str] | None = None) -> int:

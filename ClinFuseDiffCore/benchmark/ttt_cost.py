@@ -1,6 +1,7 @@
 """Measure the cost of diffusion sampling and batched TTT per episode at a config's model size.
 
     python training/benchmark_ttt.py [--config demo] [--episodes 512] [--samples K] [--threads 2]
+    python -m ClinFuseDiffCore.benchmark.ttt_cost ...   # the same
 
 Prints measured seconds (CPU process time and wall time) for one batched call without and with
 TTT, and the extrapolation to the all-subsets evaluation (127 subsets x patients x seeds). The
@@ -8,22 +9,21 @@ weights are random (perturbed so that no zero-initialised layer short-cuts the c
 cost does not depend on training.
 """
 
+from __future__ import annotations
+
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from ClinFuseDiffCore.config import load_config  # noqa: E402
-from ClinFuseDiffCore.data.tabular import TabularDims  # noqa: E402
-from ClinFuseDiffCore.models import build_model  # noqa: E402
-from ClinFuseDiffCore.ttt import adapt_and_predict  # noqa: E402
+from ..config import load_config
+from ..data.tabular import TabularDims
+from ..models import build_model
+from ..ttt import adapt_and_predict
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="demo")
     ap.add_argument("--episodes", type=int, default=512)
@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--patients", type=int, default=24, help="test patients for the extrapolation")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = load_config(a.config, a.overrides)
     tab = {m: TabularDims(num=8, cat_cardinalities=[3]) for m in cfg.data.tabular if m in cfg.data.modalities}

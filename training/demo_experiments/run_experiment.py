@@ -1,4 +1,8 @@
-"""Experiments that test ClinFuseDiff's claims (issue 5 item 5); results go to docs/RESULTS.md.
+"""The earlier laptop-scale experiments (issue 5 item 5) on a demo run; results in docs/RESULTS.md.
+
+Superseded as the method comparison by ``clinfusediff experiment`` (the powered research
+experiment, ``ClinFuseDiffCore/experiment/``); kept here because it still reproduces
+docs/RESULTS.md and its unseen-combination and site-shift runs, which that command does not run.
 
 Every experiment starts from the main run that ``clinfusediff demo --out BASE`` wrote (its cohort,
 preprocessing cache, split and stage-1 encoders), so the numbers of all experiments refer to the
@@ -8,18 +12,18 @@ same synthetic cohort:
   modality subset for mean / attention / diffusion / diffusion+TTT (mean, worst subset, drop vs
   full, hurt rate, 95% intervals over seeds), uncertainty and ECE per number of available
   modalities.
-* ``unseen`` (claim b, ``experiments/unseen.yaml``): the fusions (stage 2) are re-trained with
+* ``unseen`` (claim b, ``unseen.yaml`` beside this file): the fusions (stage 2) are re-trained with
   ``data.excluded_combinations`` (never drawn by modality dropout) on the main run's encoders and
   split, then evaluated on every subset: seen vs unseen combinations.
-* ``site`` (claim c, ``experiments/site.yaml``): the whole two-stage training is repeated on the
+* ``site`` (claim c, ``site.yaml`` beside this file): the whole two-stage training is repeated on the
   patients of the training sites only (``site.train_sites``; val drawn from them), and the test
   part is every patient of the held-out site (``site.test_sites``, read from ``manifest.csv``).
 
 Usage::
 
-    python experiments/run_experiment.py main   --base outputs/demo
-    python experiments/run_experiment.py unseen --base outputs/demo --out outputs/experiments/unseen
-    python experiments/run_experiment.py site   --base outputs/demo --out outputs/experiments/site
+    python training/demo_experiments/run_experiment.py main   --base outputs/demo
+    python training/demo_experiments/run_experiment.py unseen --base outputs/demo --out outputs/experiments/unseen
+    python training/demo_experiments/run_experiment.py site   --base outputs/demo --out outputs/experiments/site
 
 Each run writes ``<out>/eval/results.{json,md,csv}`` and ``<out>/tables.md`` (the tables in
 docs/RESULTS.md). Model choices are made on validation data only (best checkpoint by
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ClinFuseDiffCore.config import Config
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment", choices=["main", "unseen", "site"])
     p.add_argument("--base", default="outputs/demo", help="the clinfusediff demo output folder")
     p.add_argument("--out", default=None, help="output folder (default outputs/experiments/<experiment>)")
-    p.add_argument("--config", default=None, help="experiment YAML (default experiments/<experiment>.yaml)")
+    p.add_argument("--config", default=None, help="experiment YAML (default <experiment>.yaml beside this script)")
     p.add_argument("--seeds", type=int, default=3, help="evaluation seeds (default 3)")
     a = p.parse_args(argv)
     base = Path(a.base)

@@ -1,0 +1,12 @@
+"""Headless entry point: ``python training/benchmark_ttt.py [options]`` runs
+``ClinFuseDiffCore/benchmark/ttt_cost.py`` (see its docstring for the options and what it measures)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ClinFuseDiffCore.benchmark.ttt_cost import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
