@@ -10,16 +10,25 @@ DESCRIPTION = (
     "the embedded synthetic cohort is generated into the output folder. Outputs: best.pt, last.pt, "
     "config.yaml, split.json, history.json, tb/ (TensorBoard) and train_summary.json (the printed "
     "summary: patients per split part and the split file, the selection rule, best epoch and "
-    "value per model; epochs count from 1). Runs under "
+    "value per model; epochs count from 1; the patients left out and why). --resume continues a "
+    "run with its checkpoint's config and split: overrides may change only "
+    "experiment.{name,output_dir,device,num_threads}, data.{root,cache_dir,num_workers}, "
+    "training.epochs (to extend) and training.log_every; any other change is refused. Runs under "
     "`torchrun --nproc_per_node=N` as DDP (gloo on CPU, nccl on GPU)."
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="demo", help="YAML path or a name in Resources/Configs (default: demo)")
-    p.add_argument("--out", default=None, help="output folder (default: experiment.output_dir)")
+    p.add_argument("--config", default=None,
+                   help="YAML path or a name in Resources/Configs (default: demo; with --resume: "
+                        "the checkpoint's own config)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: experiment.output_dir; with --resume: the "
+                        "checkpoint's folder)")
     p.add_argument("--data", default=None, help="cohort folder (overrides data.root)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="continue exactly from a last.pt")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue exactly from a last.pt, with its config and split (overrides "
+                        "that would change them are refused)")
     p.add_argument("--all-fusions", action="store_true",
                    help="train every method in training.fusions into <out>/<fusion> (two-stage "
                         "training shares stage 1: <out>/encoders)")
@@ -39,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.root={args.data}")
-    cfg = load_config(args.config, overrides)
-    out = Path(args.out or cfg.experiment.output_dir)
+    if args.resume and args.config is None:
+        cfg = resume_config(args.resume, overrides)  # the run's own config + allowed overrides
+    else:
+        cfg = load_config(args.config or "demo", overrides)
+    out = Path(args.out or (Path(args.resume).parent if args.resume else cfg.experiment.output_dir))
     show = not args.no_progress
     if args.all_fusions:
         if args.resume:
@@ -67,12 +79,30 @@ def run(args: argparse.Namespace) -> int:
             for name, r in results.items()
         },
     }
+    skips = list(dict.fromkeys(s for r in results.values() for s in getattr(r, "skips", [])))
+    summary["skipped"] = {"count": len(skips), "items": skips}
     from ..utils import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "train_summary.json", summary)
     print(json.dumps(summary, indent=2))
+    print(f"trained {', '.join(results)} into {out}; "
+          + (f"{len(skips)} patients/folders left out (listed above and in {out / 'train_summary.json'})"
+             if skips else "no patient left out"))
     return 0
+
+
+def resume_config(resume, overrides):
+    """The config of the checkpoint ``resume`` with ``overrides`` applied (checked in ``train``)."""
+    import copy
+
+    from ..config import Config, apply_overrides, resolve_task_defaults
+    from ..training.checkpoint import load_checkpoint
+
+    raw = load_checkpoint(resume, map_location="cpu").get("config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"--resume {resume}: the checkpoint holds no config; it cannot be resumed")
+    return resolve_task_defaults(Config.from_dict(apply_overrides(copy.deepcopy(raw), list(overrides))))
 
 
 def split_counts(path) -> dict:

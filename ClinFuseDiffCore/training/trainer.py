@@ -65,6 +65,7 @@ from ..config import Config, save_config, seed_everything, seed_worker
 from ..utils import resolve_device
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .runstate import FINISHED_KEY, check_resume_config, check_resume_split
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     model: nn.Module | None = None  # the model after the last epoch (this process's copy)
+    skips: list[str] = field(default_factory=list)  # patients/folders left out of the cohort, with why
+    finished: bool = True  # False when stopped by stop_after_epoch (the checkpoints say so too)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,6 +446,12 @@ def train(
     if tc.selection == "cv":
         raise ValueError("training.selection=cv trains several models; call train_with_selection "
                          "(or train_fusions / clinfusediff train), not train()")
+    resume_ck = None
+    if resume is not None:
+        # A resume continues THE run of the checkpoint: its config (outside a small allow-list,
+        # runstate.RESUME_MAY_CHANGE) and its split, or it is refused before anything is written.
+        resume_ck = load_checkpoint(resume, map_location="cpu")
+        check_resume_config(cfg.to_dict(), resume_ck, resume)
 
     # -- processes, device, seeds ------------------------------------------------------------
     owns_group = not torch.distributed.is_initialized()  # train_fusions may have started it
@@ -457,6 +466,21 @@ def train(
         save_config(cfg, out_dir / "config.yaml")
 
     # -- data -----------------------------------------------------------------------------------
+    if resume_ck is not None and resume_ck.get("split"):
+        if cohort is not None:
+            if {k: list(v) for k, v in cohort.split.items()} != {k: list(resume_ck["split"].get(k, []))
+                                                                 for k in cohort.split}:
+                raise ValueError(f"--resume {resume}: the given cohort's split differs from the "
+                                 "checkpoint's; a resumed run keeps its split")
+        else:
+            if main:
+                split_path = Path(cfg.data.split_file) if cfg.data.split_file else out_dir / "split.json"
+                if check_resume_split(split_path, resume_ck["split"], resume):
+                    log.info("restored the checkpoint's split into %s", split_path)
+            barrier(dist_info)
+    elif resume_ck is not None and main:
+        log.warning("--resume %s: the checkpoint records no split (older version); the split file of "
+                    "the output folder is used", resume)
     if cohort is None:
         cohort = prepare_cohort(cfg, out_dir, dist_info=dist_info, show_progress=show_progress)
     train_ds, val_ds = cohort.datasets["train"], cohort.datasets["val"]
@@ -540,7 +564,7 @@ def train(
 
     # -- resume -----------------------------------------------------------------------------------
     if resume is not None:
-        ck = load_checkpoint(resume, map_location="cpu")
+        ck = resume_ck
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -578,6 +602,8 @@ def train(
             "feature_bank": bank, "epoch": epoch + 1, "epoch_base": 1, "step": step, "best_metric": best_metric,
             "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
             "rng": get_rng_state(), "split": cohort.split, "stage": "fusion" if features_mode else "end_to_end",
+            # True only in the best.pt/last.pt re-saved after the last epoch (runstate.FINISHED_KEY)
+            FINISHED_KEY: False,
         }
 
     @torch.no_grad()
@@ -672,13 +698,16 @@ def train(
             break
 
     # -- feature bank for TTT (end to end: encoders changed every step, so compute it now) ---------
-    if main and not interrupted and not features_mode:
-        bank_model = copy.deepcopy(model)  # `model` keeps the last weights on every rank
+    # -- and the mark that training finished (evaluate/infer refuse checkpoints without it) ---------
+    if main and not interrupted:
+        bank_model = None if features_mode else copy.deepcopy(model)  # `model` keeps the last weights
         for path in (last_path, best_path):
             ck = load_checkpoint(path, map_location="cpu")
-            bank_model.load_state_dict(ck["model"])
-            enc = encode_dataset(bank_model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
-            ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
+            if bank_model is not None:
+                bank_model.load_state_dict(ck["model"])
+                enc = encode_dataset(bank_model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
+                ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
+            ck[FINISHED_KEY] = True
             save_checkpoint(path, ck)
     if main:
         from ..utils import atomic_write_json
@@ -689,7 +718,8 @@ def train(
     if owns_group:
         cleanup(dist_info)
     return TrainResult(out_dir, best_path, last_path, best_metric, best_epoch, history,
-                       time.perf_counter() - t_start, model)
+                       time.perf_counter() - t_start, model, [str(s) for s in cohort.skips],
+                       not interrupted)
 
 
 def train_fusions(
