@@ -155,7 +155,12 @@ class Predictor:
         bank = ckpt.get("feature_bank")
         if bank is not None:
             bank = {"tokens": bank["tokens"].to(device), "available": bank["available"].to(device)}
-        return cls(model, cfg, ckpt.get("tabular_state"), bank, device, source=str(path))
+        from .training.runstate import training_status
+
+        pr = cls(model, cfg, ckpt.get("tabular_state"), bank, device, source=str(path))
+        # (finished, description) of the checkpoint's training; `infer` refuses unfinished ones
+        pr.training_status = training_status(ckpt)
+        return pr
 
     @property
     def is_diffusion(self) -> bool:

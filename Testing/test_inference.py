@@ -30,7 +30,8 @@ def write_checkpoint(path, fusion="diffusion"):
             "available": torch.ones(8, len(MODS), dtype=torch.bool)}
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "modalities": MODS,
                            "tabular_state": {"clinical": norm.state_dict()},
-                           "tabular_dims": {"clinical": norm.dims().to_dict()}, "feature_bank": bank})
+                           "tabular_dims": {"clinical": norm.dims().to_dict()}, "feature_bank": bank,
+                           "finished": True})  # a finished training (evaluate/infer refuse others)
     return cfg, model
 
 

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--chunk-size", type=int, default=1024, help="episodes per batched call")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="evaluate checkpoints whose training did not finish (refused by default; "
+                        "each is named in the output)")
     p.add_argument("--no-progress", action="store_true", help="quiet")
 
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate_checkpoints(
         args.checkpoint, out, data_root=args.data, seeds=args.seeds, samples=args.samples,
         ttt=not args.no_ttt, device=args.device, part=args.part, chunk_size=args.chunk_size,
-        show_progress=not args.no_progress,
+        show_progress=not args.no_progress, allow_unfinished=args.allow_unfinished,
     )
     print(f"results in {out}")
     return 0

@@ -326,6 +326,64 @@ def resolve_checkpoints(specs: Sequence[str]) -> list[dict[str, Path]]:
     return runs
 
 
+def skipped_methods(specs: Sequence[str]) -> dict[str, str]:
+    """For every training-run folder among ``specs``: each fusion method of ``FUSION_NAMES`` that
+    has no ``<fusion>/best.pt`` there, with why (``{"diffusion": "RUN/diffusion/best.pt ..."}``)."""
+    import json
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        p = Path(spec)
+        if "=" in spec or not p.is_dir():
+            continue
+        summary = p / "train_summary.json"
+        trained = None
+        if summary.is_file():
+            try:
+                trained = set(json.loads(summary.read_text(encoding="utf-8")).get("models", {}))
+            except (ValueError, AttributeError):
+                trained = None
+        for f in FUSION_NAMES:
+            if (p / f / "best.pt").is_file() or f in out:
+                continue
+            if (p / f).is_dir():
+                out[f] = (f"{p / f} has no best.pt: its training was interrupted before its first "
+                          "epoch ended")
+            elif trained is not None and f not in trained:
+                out[f] = f"not trained in the run {p} (its train_summary.json lists {sorted(trained)})"
+            else:
+                out[f] = (f"no {p / f / 'best.pt'}: not trained in the run {p}"
+                          + ("" if summary.is_file() else
+                             " (it has no train_summary.json: its training command did not finish)"))
+    return out
+
+
+def check_finished(runs: Sequence[Mapping[str, Path]], allow_unfinished: bool) -> dict[str, str]:
+    """Every checkpoint's training status; refuse unfinished ones unless ``allow_unfinished``.
+
+    Returns:
+        ``{str(path): status}`` of the unfinished checkpoints that were allowed.
+
+    Raises:
+        ValueError: naming every unfinished checkpoint (and ``--allow-unfinished``).
+    """
+    from ..training.checkpoint import load_checkpoint
+    from ..training.runstate import training_status
+
+    bad: dict[str, str] = {}
+    for run in runs:
+        for name, path in run.items():
+            ok, why = training_status(load_checkpoint(path, map_location="cpu"))
+            if not ok:
+                bad[str(path)] = f"{name}: {why}"
+    if bad and not allow_unfinished:
+        listed = "; ".join(f"{p} ({w})" for p, w in bad.items())
+        raise ValueError(f"{len(bad)} checkpoint(s) did not finish training: {listed}. Finish the "
+                         "training (clinfusediff train --resume <run>/<method>/last.pt, or rerun it) or "
+                         "pass --allow-unfinished to evaluate them anyway")
+    return bad
+
+
 def _outputs_to_method(task: str, out: torch.Tensor) -> MethodOutput:
     """Head outputs (K, N, C) -> MethodOutput (mean over samples; spread as uncertainty)."""
     K = out.shape[0]
@@ -397,6 +455,7 @@ def evaluate_checkpoints(
     part: str = "test",
     chunk_size: int = 1024,
     show_progress: bool = True,
+    allow_unfinished: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The full evaluation: load checkpoints, encode the test patients once per model, run the
     all-subsets protocol over seeds, write results.json/csv/md, the plots and ``predictions.csv``
@@ -415,9 +474,13 @@ def evaluate_checkpoints(
         device: ``cpu`` / ``cuda`` / ``auto``.
         part: which split part to evaluate (``test``; ``val`` for tuning).
         chunk_size: episodes per batched call.
+        allow_unfinished: evaluate checkpoints whose training did not finish (refused otherwise,
+            ``training.runstate``); each is named in the output and in ``results.json``.
 
     Returns:
-        (results dict, {name: written path}).
+        (results dict, {name: written path}). ``results["skipped_methods"]`` names every fusion
+        method of a run folder that was not evaluated and why; ``results["unfinished"]`` the
+        unfinished checkpoints evaluated with ``allow_unfinished``.
     """
     import dataclasses
     import json
@@ -439,9 +502,17 @@ def evaluate_checkpoints(
     if samples is not None and samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     runs = resolve_checkpoints(checkpoints)
     say = print if show_progress else (lambda *a, **k: None)
+    unfinished = check_finished(runs, allow_unfinished)  # before anything is written
+    skipped = skipped_methods(checkpoints)
+    # Always printed (also without progress): what is NOT in the results, and why.
+    for name, why in skipped.items():
+        print(f"evaluate: skipped {name}: {why}", flush=True)
+    for path, why in unfinished.items():
+        print(f"evaluate: warning: evaluating an unfinished checkpoint (--allow-unfinished): {path}: "
+              f"{why}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     # The cohort and split of the first checkpoint (every run must share its test patients).
     first_path = next(iter(runs[0].values()))
@@ -511,6 +582,8 @@ def evaluate_checkpoints(
                             if len(runs) == 1 else "training runs (one per seed)")
     results["part"] = part
     results["split_counts"] = counts
+    results["skipped_methods"] = skipped
+    results["unfinished"] = unfinished
     ttt_lines = []
     for name, ex in results["method_extra"].items():
         if ex.get("episodes"):
@@ -523,7 +596,10 @@ def evaluate_checkpoints(
                 f"TTT ({name}): {int(ex['episodes'])} episodes over all seeds, {steps:g} steps, "
                 f"{n_par:g} adapted parameters per episode ({cfg.ttt.params}); {rate:.1%} of updates "
                 f"kept; adaptation {per:.2f} ms per episode (batched)")
-    paths = write_report(results, out, extra_lines=ttt_lines)
+    notes = [f"Not evaluated: {name} ({why})" for name, why in skipped.items()]
+    notes += [f"Unfinished training, evaluated with --allow-unfinished: {why} ({path})"
+              for path, why in unfinished.items()]
+    paths = write_report(results, out, extra_lines=ttt_lines + notes)
     from .report import predictions_csv
 
     paths["predictions"] = atomic_write_text(
