@@ -680,3 +680,123 @@ def render_report(
         fig.savefig(str(tmp), format="png", dpi=dpi, facecolor="white")
     plt.close("all")
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# The set of one patient's outputs: staged, moved into place, manifest written last
+# ------------------------------------------------------------------------------------------
+MANIFEST = "outputs.json"
+MANIFEST_SCHEMA = "clinfusediff.outputs/1"
+#: every file ``clinfusediff infer`` may write into ``--out`` (one patient's set)
+OUTPUT_FILES = ("prediction.json", "segmentation.seg.nrrd", "report.png")
+_STAGING_PREFIX = ".infer-p"
+
+
+def _remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Staging folders (and atomic temp files) that killed runs left in ``out_dir``."""
+    import os
+    import re
+    import shutil
+
+    from .utils import _pid_alive, remove_stale_temps
+
+    removed = list(remove_stale_temps(out_dir))
+    for d in out_dir.glob(f"{_STAGING_PREFIX}*"):
+        m = re.match(rf"^{re.escape(_STAGING_PREFIX)}(\d+)-", d.name)
+        if d.is_dir() and m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+class OutputSet:
+    """Write one patient's outputs into ``out_dir`` as a set (``with OutputSet(out, pid) as s:``).
+
+    Files are written into a hidden staging folder inside ``out_dir`` (``s.path(name)``). On
+    success: the previous set's manifest is removed first (from then on the folder holds no valid
+    set), files of the previous set that are not in the new one are removed, the new files are
+    renamed into place, and ``outputs.json`` — naming the patient and every file with its SHA-256 —
+    is written last (atomically). A run killed at any point leaves a folder without a valid
+    manifest (``read_output_set`` refuses it); the next run removes the killed run's staging folder.
+    On an error inside the block nothing in ``out_dir`` changes.
+    """
+
+    def __init__(self, out_dir: Union[str, Path], patient_id: str, **info: Any):
+        self.out_dir = Path(out_dir)
+        self.patient_id = str(patient_id)
+        self.info = info
+        self.staging: Optional[Path] = None
+        self.written: list[Path] = []
+
+    def __enter__(self) -> "OutputSet":
+        import os
+        import tempfile
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(self.out_dir)
+        self.staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=self.out_dir))
+        return self
+
+    def path(self, name: str) -> Path:
+        """Where to write output ``name`` (inside the staging folder)."""
+        if name not in OUTPUT_FILES:
+            raise ValueError(f"output {name!r} not in {list(OUTPUT_FILES)}")
+        return self.staging / name
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import os
+        import shutil
+
+        try:
+            if exc_type is not None:
+                return
+            files = [n for n in OUTPUT_FILES if (self.staging / n).is_file()]
+            manifest = self.out_dir / MANIFEST
+            old: set[str] = set(OUTPUT_FILES)
+            if manifest.is_file():
+                try:
+                    old |= set(json.loads(manifest.read_text(encoding="utf-8")).get("files", {}))
+                except (ValueError, AttributeError):
+                    pass
+                manifest.unlink()  # from here on the folder holds no valid set until the new manifest
+            for name in sorted(old - set(files)):
+                if name in OUTPUT_FILES and (self.out_dir / name).is_file():
+                    (self.out_dir / name).unlink()  # another patient's file must not stay beside ours
+            digests = {n: file_sha256(self.staging / n) for n in files}
+            for n in files:
+                os.replace(self.staging / n, self.out_dir / n)
+            atomic_write_json(manifest, {
+                "schema": MANIFEST_SCHEMA, "patient_id": self.patient_id, "complete": True,
+                "files": digests, **self.info,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            self.written = [self.out_dir / n for n in files]
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def read_output_set(out_dir: Union[str, Path]) -> dict[str, Any]:
+    """The manifest of a complete output set in ``out_dir``, verified against the files.
+
+    Raises:
+        ValueError: no manifest (a run was interrupted, or the folder was not written by
+            ``infer``), a file missing or changed since (another run's file mixed in).
+    """
+    out_dir = Path(out_dir)
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"{out_dir}: no {MANIFEST}: the outputs are incomplete (the run writing them "
+                         "was interrupted) or not written by clinfusediff infer; rerun infer")
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{manifest}: unreadable ({e}); rerun infer") from e
+    if m.get("schema") != MANIFEST_SCHEMA or not m.get("complete"):
+        raise ValueError(f"{manifest}: not a complete output set; rerun infer")
+    for name, digest in (m.get("files") or {}).items():
+        f = out_dir / name
+        if not f.is_file() or file_sha256(f) != digest:
+            raise ValueError(f"{f}: {'missing' if not f.is_file() else 'changed'} since {MANIFEST} "
+                             f"was written for patient {m.get('patient_id')!r}; the folder mixes runs, "
+                             "rerun infer")
+    return m

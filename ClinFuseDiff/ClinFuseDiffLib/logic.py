@@ -20,6 +20,7 @@ Typical use (the Slicer module's Logic and the web app do exactly this)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import pathlib
@@ -269,8 +270,18 @@ class ClinFuseDiffMRMLLogic:
         predictionFile = outputDir / "prediction.json"
         if not predictionFile.exists():
             raise RuntimeError(_("{path} was not written.").format(path=predictionFile))
+        # `infer` writes outputs.json last, naming the patient and each file's SHA-256: without it
+        # (an interrupted run) or with a changed file, the folder may mix two runs' outputs.
+        manifestFile = outputDir / "outputs.json"
+        if not manifestFile.exists():
+            raise RuntimeError(_("{path} was not written: the outputs are incomplete.").format(path=manifestFile))
+        manifest = json.loads(manifestFile.read_text(encoding="utf-8"))
+        for name, digest in (manifest.get("files") or {}).items():
+            if hashlib.sha256((outputDir / name).read_bytes()).hexdigest() != digest:
+                raise RuntimeError(_("{path} differs from {manifest}: the folder mixes two runs.").format(
+                    path=outputDir / name, manifest=manifestFile))
         record = json.loads(predictionFile.read_text(encoding="utf-8"))
-        segFiles = sorted(outputDir.glob("*.seg.nrrd"))
+        segFiles = [outputDir / n for n in (manifest.get("files") or {}) if n.endswith(".seg.nrrd")]
         base = referenceVolume.GetName()
         if segFiles:
             if segmentationNode is None:

@@ -25,7 +25,10 @@ DESCRIPTION = (
     "--clinical CSV = --tabular clinical=CSV). Modalities not given are missing (printed). Writes "
     "DIR/prediction.json, and with images DIR/segmentation.seg.nrrd (brain mask from the "
     "checkpoint's mask backend, on the grid of the reference volume, named and coloured segments) "
-    "and DIR/report.png."
+    "and DIR/report.png; then, last, DIR/outputs.json naming the patient and each file's SHA-256 "
+    "(a folder without it holds no complete set: the run was interrupted; a reused --out keeps no "
+    "file of an earlier patient). A checkpoint whose training did not finish is refused unless "
+    "--allow-unfinished."
 )
 
 SEGMENTATION_FILE = "segmentation.seg.nrrd"
@@ -60,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="modality whose grid the segmentation is written on (default: the one the "
                         "mask is computed from)")
     p.add_argument("--seed", type=int, default=0, help="seed of the diffusion and TTT noise")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="use a checkpoint whose training did not finish (refused by default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
 
@@ -232,6 +237,13 @@ def run(args: argparse.Namespace) -> int:
     model_images = list(predictor.model.image_modalities)
     model_tabular = list(predictor.model.tabular_modalities)
     timings["load"] = time.perf_counter() - t0
+    finished, status = getattr(predictor, "training_status", (True, ""))
+    if not finished:
+        if not getattr(args, "allow_unfinished", False):
+            raise ValueError(f"checkpoint {ckpt_path}: training {status}; finish it (clinfusediff "
+                             "train --resume <run>/last.pt) or pass --allow-unfinished to use it anyway")
+        print(f"warning: checkpoint {ckpt_path.name}: training {status}; used because of "
+              "--allow-unfinished", flush=True)
     check_tabular_names(tab_given, model_tabular, ckpt_path.name, predictor.modalities)
 
     if given is None:
@@ -312,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress(85, "writing outputs")
     from ..outputs import (
+        OutputSet,
         build_prediction_record,
         config_hash,
         file_sha256,
@@ -320,42 +333,44 @@ def run(args: argparse.Namespace) -> int:
         write_segmentation,
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seg_path = None
-    if seg_vol is not None:
-        seg_path = write_segmentation(seg_vol, seg_info["labels"], seg_info["colors"], out_dir / SEGMENTATION_FILE)
-    unc = {k: v for k, v in pred.uncertainty.items() if k in ("std", "entropy", "expected_entropy", "mutual_information")}
-    num_samples = int(pred.uncertainty.get("num_samples", args.samples or 1))
-    ttt_info = dict(pred.ttt)
-    ttt_info["enabled"] = bool(use_ttt)
-    if use_ttt:
-        ttt_info.setdefault("steps", predictor.cfg.ttt.steps)
-    timings["total"] = time.perf_counter() - t_start
-    segmentation = None
-    if seg_info is not None:
-        segmentation = {"file": seg_path.name, **{k: v for k, v in seg_info.items() if k != "colors"},
-                        "labels": {str(k): v for k, v in seg_info["labels"].items()},
-                        "colors": {str(k): list(v) for k, v in seg_info["colors"].items()}}
-    extra = {"inputs": {m: str(p) for m, p in given.items()},
-             "tabular_inputs": {m: notes[m] for m in model_tabular}}
-    if "clinical" in tabular:
-        extra["clinical_csv"] = str(tab_given["clinical"])
-    common = dict(
-        patient_id=pid, task=pred.task, uncertainty=unc, num_samples=num_samples,
-        contributions=pred.contributions, model_modalities=predictor.modalities,
-        used_modalities=pred.modalities_used, checkpoint=ckpt_path.resolve(),
-        checkpoint_sha256=file_sha256(ckpt_path), config_hash_=config_hash(cfg.to_dict()),
-        ttt=ttt_info, timings=timings, segmentation=segmentation, extra=extra,
-    )
-    if pred.task == "classification":
-        record = build_prediction_record(probability_samples=pred.probability_samples, **common)
-    else:
-        record = build_prediction_record(value_samples=pred.risk_samples, **common)
-    write_prediction_json(out_dir / "prediction.json", record)
-    written = [out_dir / "prediction.json"]
-    if volumes:
-        render_report(volumes, seg_vol, record, out_dir / "report.png")
-        written += [seg_path, out_dir / "report.png"]
+    # The outputs are written as a set (outputs.OutputSet): staged in a hidden folder, renamed
+    # into place, and outputs.json naming the patient and every file written last, so a killed
+    # run never leaves a folder mixing two patients' files that reads as valid.
+    with OutputSet(out_dir, pid, checkpoint=str(ckpt_path.resolve())) as out_set:
+        seg_path = None
+        if seg_vol is not None:
+            seg_path = write_segmentation(seg_vol, seg_info["labels"], seg_info["colors"], out_set.path(SEGMENTATION_FILE))
+        unc = {k: v for k, v in pred.uncertainty.items() if k in ("std", "entropy", "expected_entropy", "mutual_information")}
+        num_samples = int(pred.uncertainty.get("num_samples", args.samples or 1))
+        ttt_info = dict(pred.ttt)
+        ttt_info["enabled"] = bool(use_ttt)
+        if use_ttt:
+            ttt_info.setdefault("steps", predictor.cfg.ttt.steps)
+        timings["total"] = time.perf_counter() - t_start
+        segmentation = None
+        if seg_info is not None:
+            segmentation = {"file": seg_path.name, **{k: v for k, v in seg_info.items() if k != "colors"},
+                            "labels": {str(k): v for k, v in seg_info["labels"].items()},
+                            "colors": {str(k): list(v) for k, v in seg_info["colors"].items()}}
+        extra = {"inputs": {m: str(p) for m, p in given.items()},
+                 "tabular_inputs": {m: notes[m] for m in model_tabular}}
+        if "clinical" in tabular:
+            extra["clinical_csv"] = str(tab_given["clinical"])
+        common = dict(
+            patient_id=pid, task=pred.task, uncertainty=unc, num_samples=num_samples,
+            contributions=pred.contributions, model_modalities=predictor.modalities,
+            used_modalities=pred.modalities_used, checkpoint=ckpt_path.resolve(),
+            checkpoint_sha256=file_sha256(ckpt_path), config_hash_=config_hash(cfg.to_dict()),
+            ttt=ttt_info, timings=timings, segmentation=segmentation, extra=extra,
+        )
+        if pred.task == "classification":
+            record = build_prediction_record(probability_samples=pred.probability_samples, **common)
+        else:
+            record = build_prediction_record(value_samples=pred.risk_samples, **common)
+        write_prediction_json(out_set.path("prediction.json"), record)
+        if volumes:
+            render_report(volumes, seg_vol, record, out_set.path("report.png"))
+    written = out_set.written
 
     p = record["prediction"]
     if pred.task == "classification":
