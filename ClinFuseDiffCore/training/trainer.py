@@ -62,7 +62,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, save_config, seed_everything, seed_worker
-from ..utils import resolve_device
+from ..utils import remove_stale_temps, resolve_device
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from .runstate import FINISHED_KEY, check_resume_config, check_resume_split
@@ -463,6 +463,7 @@ def train(
     main = dist_info.is_main
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)  # half-written checkpoints of a killed run
         save_config(cfg, out_dir / "config.yaml")
 
     # -- data -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...utils import _json_default, atomic_write_text, safe_id, safe_join
+from ...utils import _json_default, atomic_write_text, remove_stale_temps, safe_id, safe_join
 from .params import (
     BRATS_NAMES,
     FEATURE_MODALITIES,
@@ -116,6 +116,19 @@ def _write_marker(out: Path, marker: dict) -> None:
     atomic_write_text(out / MARKER, json.dumps(marker, indent=2, default=_json_default) + "\n")
 
 
+def _remove_killed_runs_folders(out: Path) -> None:
+    """``.tmp_<id>_<pid>`` / ``.old_<id>_<pid>`` folders of runs that were killed (their process is
+    gone) in a folder this generator wrote: the next run removes them."""
+    import re
+
+    from ...utils import _pid_alive
+
+    for d in out.glob(".*_*_*"):
+        m = re.match(r"^\.(tmp|old)_.+_(\d+)$", d.name)
+        if m and d.is_dir() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _write_patient(out: Path, p: PatientParameters, rendered, layout: str,
                    modalities: Sequence[str]) -> Path:
     """Write one patient folder atomically (temp folder + rename); return the folder."""
@@ -187,8 +200,11 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
     if not 0.0 <= float(missing_rate) < 1.0:
         raise ValueError(f"--missing-rate {missing_rate!r} must lie in [0, 1)")
     out = Path(out_dir)
+    remove_stale_temps(out)  # a run killed while writing cohort.json leaves only its temp file
     prev = _check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
+    if prev is not None:
+        _remove_killed_runs_folders(out)
     settings = _settings(shape, seed, layout, site_shift, missing_rate)
     same = prev is not None and prev.get("settings") == settings
     prev_ids = set(prev.get("patient_ids", [])) if prev else set()
