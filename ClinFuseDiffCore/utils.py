@@ -196,3 +196,42 @@ def resolve_device(device: str = "auto") -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} not in ['auto', 'cpu', 'cuda']")
     return device
+
+
+def check_output_dir(out: str | os.PathLike, flag: str = "--out",
+                     inputs: "dict[str, str | os.PathLike] | None" = None,
+                     not_equal: "dict[str, str | os.PathLike] | None" = None) -> Path:
+    """Refuse an output folder that cannot be one, before any work is done.
+
+    Args:
+        out: the folder a command will create or reuse.
+        flag: the option named in the errors.
+        inputs: ``{description: folder}`` of input folders that ``out`` must be neither equal to
+            nor inside (nothing writes into the user's input folders).
+        not_equal: ``{description: folder}`` that ``out`` must not be (e.g. the folder of an input
+            file: a subfolder of it is fine).
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        ValueError: ``out`` (or a folder above it) is an existing file, or lies in an input folder.
+    """
+    out_p = Path(out).expanduser()
+    for p in (out_p, *out_p.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == out_p else f"is under {p}, an existing file"
+                raise ValueError(f"{flag} {out_p} {what}; give a folder (it is created if needed)")
+            break
+    resolved = out_p.resolve()
+    for desc, folder in (inputs or {}).items():
+        f = Path(folder).expanduser().resolve()
+        if resolved == f or f in resolved.parents:
+            raise ValueError(f"{flag} {out_p} is {'the' if resolved == f else 'inside the'} {desc} "
+                             f"{f}; input folders are never written to, choose an output folder elsewhere")
+    for desc, folder in (not_equal or {}).items():
+        if resolved == Path(folder).expanduser().resolve():
+            raise ValueError(f"{flag} {out_p} is the folder of the {desc}; outputs are never written "
+                             "beside the inputs, choose another output folder (e.g. a new subfolder)")
+    return out_p

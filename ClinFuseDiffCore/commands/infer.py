@@ -164,9 +164,13 @@ def patient_folder_images(folder, image_modalities) -> dict:
 def read_clinical_row(csv_path, patient_id: str, id_column: str, flag: str = "--clinical") -> dict:
     """The row of ``patient_id`` in a CSV as {column: value} (without the ID column).
 
+    The file is checked as training checks it: an ID column, no row without an ID, and one row per
+    patient (two rows for ``patient_id`` are refused: which one is right cannot be guessed).
+
     Raises:
-        FileNotFoundError: no file. ValueError: no ``id_column``. MissingRow (a ValueError and a
-        LookupError): no row for the patient.
+        FileNotFoundError: no file. ValueError: no ``id_column``, a row without an ID, two rows
+        for the patient, unreadable text. MissingRow (a ValueError and a LookupError): no row for
+        the patient.
     """
     import csv
     from pathlib import Path
@@ -174,19 +178,54 @@ def read_clinical_row(csv_path, patient_id: str, id_column: str, flag: str = "--
     path = Path(csv_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or id_column not in reader.fieldnames:
-            raise ValueError(f"{flag} {path}: no {id_column!r} column (columns: {reader.fieldnames}); "
-                             f"the checkpoint expects patient IDs in {id_column!r} (or set --id-column)")
-        ids = []
-        for row in reader:
-            rid = (row.get(id_column) or "").strip()
-            ids.append(rid)
-            if rid == patient_id:
-                return {k: v for k, v in row.items() if k != id_column and k is not None}
+    found: list[tuple[int, dict]] = []  # (line, row) of the patient's rows
+    empty: list[int] = []
+    ids = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or id_column not in reader.fieldnames:
+                raise ValueError(f"{flag} {path}: no {id_column!r} column (columns: {reader.fieldnames}); "
+                                 f"the checkpoint expects patient IDs in {id_column!r} (or set --id-column)")
+            for row in reader:
+                line = reader.line_num
+                rid = (row.get(id_column) or "").strip()
+                if not rid:
+                    if any((v or "").strip() for k, v in row.items() if k is not None):
+                        empty.append(line)
+                    continue
+                ids.append(rid)
+                if rid == patient_id:
+                    found.append((line, {k: v for k, v in row.items() if k != id_column and k is not None}))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text (byte {e.start}: {e.reason}); save the CSV "
+                         "as UTF-8") from e
+    except csv.Error as e:
+        raise ValueError(f"{flag} {path}: cannot parse as CSV ({e})") from e
+    if empty:
+        raise ValueError(f"{flag} {path}: line(s) {empty[:5]} have an empty {id_column!r}; every row "
+                         "needs a patient ID (the file is broken: fix or remove those rows)")
+    if len(found) > 1:
+        raise ValueError(f"{flag} {path}: {len(found)} rows with {id_column}={patient_id!r} (lines "
+                         f"{[line for line, _ in found]}); which one is right cannot be guessed — keep "
+                         "one row per patient")
+    if found:
+        return found[0][1]
     raise MissingRow(f"{flag} {path}: no row with {id_column}={patient_id!r} (first IDs: {ids[:5]}); "
                      "give the patient's ID with --id")
+
+
+def check_numeric_values(row: dict, numeric_columns, name: str, source: str, patient_id: str) -> None:
+    """Refuse a value that is not a number in a column the checkpoint's block ``name`` uses as
+    numeric (it would otherwise read as the column being missing)."""
+    from ..data.tabular import _as_float, is_missing
+
+    bad = [(c, row[c]) for c in numeric_columns if c in row and not is_missing(row[c]) and _as_float(row[c]) is None]
+    if bad:
+        col, value = bad[0]
+        raise ValueError(f"{source}: column {col!r} of patient {patient_id!r} is {value!r}, not a number; "
+                         f"the checkpoint's {name!r} block uses {col!r} as a numeric column (write a "
+                         "number, or leave the cell empty if unknown)")
 
 
 class MissingRow(ValueError, LookupError):
@@ -200,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.volume import Volume, check_overlap
     from ..modalities import ModalityRegistry
-    from ..utils import safe_id
+    from ..utils import check_output_dir, safe_id
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t_start = time.perf_counter()
@@ -227,6 +266,15 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is not None and args.reference not in (given or {}) and not args.patient:
         raise ValueError(f"--reference {args.reference!r} is not among the given modalities "
                          f"{sorted(given or {})}")
+    # ... and the output folder: not a file, not in an input folder (checked before the work).
+    inside: dict = {}
+    if args.patient:
+        patient_dir = Path(args.patient).expanduser()
+        inside = {"patient folder (--patient)": patient_dir, "cohort folder (above --patient)": patient_dir.resolve().parent}
+    inside.update({f"DICOM folder of --modality {m}": p for m, p in (given or {}).items() if Path(p).is_dir()})
+    beside = {f"--modality {m} file": Path(p).resolve().parent for m, p in (given or {}).items() if not Path(p).is_dir()}
+    beside.update({f"CSV of {name}": Path(p).resolve().parent for name, p in tab_given.items()})
+    check_output_dir(out_dir, "--out", inputs=inside, not_equal=beside)
 
     progress(2, "loading checkpoint")
     t0 = time.perf_counter()
@@ -274,6 +322,9 @@ def run(args: argparse.Namespace) -> int:
             tabular[name] = read_clinical_row(tab_given[name], pid, id_column,
                                               flag="--clinical" if explicit_clinical else f"--tabular {name}")
             notes[name] = f"row {pid} of {tab_given[name]}"
+            state = predictor.tabular_state.get(name) or {}
+            check_numeric_values(tabular[name], state.get("numeric_columns", []), name,
+                                 str(tab_given[name]), pid)
         except MissingRow:
             # --clinical names the patient's row (an error as before); a --tabular block without
             # the patient's row is missing for this patient, as in training.
