@@ -1,0 +1,23 @@
+"""One row of the reliability table per fault-injection case (README: reliability section).
+
+``record(case, outcome, detail)`` appends ``{"case", "outcome", "detail", "test"}`` as one JSON
+line to the file named by ``CLINFUSEDIFF_FAULT_TABLE`` (nothing happens when it is unset). The
+suite's tests call it after their assertions passed, so the table lists only what was shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def record(case: str, outcome: str, detail: str) -> None:
+    """Append a row: ``case`` (what was tried), ``outcome`` (``clean error`` | ``correct result``),
+    ``detail`` (what the user sees, and that nothing was lost)."""
+    path = os.environ.get("CLINFUSEDIFF_FAULT_TABLE")
+    if not path:
+        return
+    row = {"case": case, "outcome": outcome, "detail": " ".join(str(detail).split()),
+           "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
