@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation.protocol import evaluate_checkpoints, resolve_checkpoints
+    from ..utils import check_output_dir
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         first = next(iter(resolve_checkpoints(args.checkpoint)[0].values()))
         out = Path(first).resolve().parent.parent / "evaluation"
+    check_output_dir(out, "--out")  # before the (long) evaluation
     evaluate_checkpoints(
         args.checkpoint, out, data_root=args.data, seeds=args.seeds, samples=args.samples,
         ttt=not args.no_ttt, device=args.device, part=args.part, chunk_size=args.chunk_size,

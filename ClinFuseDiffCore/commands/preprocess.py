@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..data.cache import build_cache
     from ..data.discovery import discover_patients
+    from ..utils import check_output_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     overrides = list(args.overrides)
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() == data or data in out.resolve().parents:
         raise ValueError(f"--out {out} is inside the cohort folder {data}; the input folder is "
                          "never written to, choose a cache folder elsewhere")
+    check_output_dir(out, "--out")
 
     records, skips = discover_patients(data, cfg.data.layout, cfg.data.modalities)
     if not records:

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import load_config
+    from ..utils import check_output_dir
     from ..training.trainer import train, train_fusions, train_with_selection
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config or "demo", overrides)
     out = Path(args.out or (Path(args.resume).parent if args.resume else cfg.experiment.output_dir))
+    check_output_dir(out, "--out")
     show = not args.no_progress
     if args.all_fusions:
         if args.resume:
