@@ -273,10 +273,22 @@ def discover_patients(
             log.debug("%s: ignored %s", folder, ignored)
         extra = dict(extra)
         extra["layout"] = layout
+        _log_outside_links(root, pid, {**images, **({"seg": seg} if seg is not None else {})})
         records.append(PatientRecord(pid, images, seg=seg, root=folder, extra=extra))
     if not records:
         log.warning("%s: no usable patient folder (layout %r, modalities %s)", root, layout, image_mods)
     return records, skips
+
+
+def _log_outside_links(root: Path, pid: str, files: dict) -> None:
+    """One warning per input that a symbolic link takes outside the cohort folder (it is read,
+    but the user should know that the data come from elsewhere)."""
+    top = root.resolve()
+    for name, path in files.items():
+        target = Path(path).resolve()
+        if target != top and top not in target.parents:
+            log.warning("%s is a symbolic link to %s, outside the cohort folder %s; read as patient %s's %s",
+                        path, target, top, pid, name)
 
 
 # ------------------------------------------------------------------------------ cohorts
