@@ -134,7 +134,7 @@ class Predictor:
         from .config import Config
         from .data.tabular import TabularDims
         from .models import build_model
-        from .training.checkpoint import load_checkpoint
+        from .training.checkpoint import load_checkpoint, load_model_state
         from .utils import resolve_device
 
         device = resolve_device(device)
@@ -142,12 +142,8 @@ class Predictor:
         cfg = Config.from_dict(ckpt["config"])
         dims = {k: TabularDims.from_dict(v) for k, v in (ckpt.get("tabular_dims") or {}).items()}
         model = build_model(cfg, dims)
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path} does not match the model its config describes: missing "
-                f"{missing[:5]}, unexpected {unexpected[:5]}; was it written by another version?"
-            )
+        # one line naming what differs, not torch's dump of every key (CheckpointError)
+        load_model_state(model, ckpt["model"], path)
         if list(ckpt["modalities"]) != list(model.modalities):
             raise ValueError(f"checkpoint {path}: modalities {ckpt['modalities']} differ from its "
                              f"config's data.modalities {model.modalities}")

@@ -256,11 +256,15 @@ def load_model_state(model: torch.nn.Module, state: Mapping[str, Any], path: str
               and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         diff = describe_mismatch(ckpt, cfg_dict) if ckpt is not None and cfg_dict is not None else []
-        what = ("; ".join(diff) + " (checkpoint vs this run)") if diff else (
-            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} differently shaped "
-            f"tensors (first: {(missing + unexpected + shapes)[0]!r})")
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {what}; use a checkpoint "
-                              "written with the same modalities and model settings, or its own config")
+        first = (missing + unexpected + shapes)[0]
+        counts = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} differently "
+                  f"shaped tensors (first: {first!r})")
+        if diff:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(diff)} "
+                                  f"(checkpoint vs this run; {counts}); use a checkpoint written with "
+                                  "the same modalities and model settings, or the checkpoint's own config")
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config describes: "
+                              f"{counts}; was it written by another version of ClinFuseDiff, or edited?")
     model.load_state_dict(state)
 
 
