@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import types
@@ -350,6 +351,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"config key {odd[0]!r} ({type(odd[0]).__name__}) in {where} is not a name; "
+                          f"allowed keys: {names}")
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = prefix.rstrip(".") or "top level"
@@ -403,6 +409,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    one silently, so a second ``training:`` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} appears twice (lines {seen[key_node.value]} "
+                        f"and {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_problem(e: Exception) -> str:
     """One line from a YAML error: the problem and its line/column."""
     problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
@@ -445,10 +467,13 @@ def load_config(
         except OSError as e:
             raise ConfigError(f"config {p} cannot be read ({e.strerror or e})") from e
         try:
-            loaded = yaml.safe_load(text) or {}
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML ({_yaml_problem(e)}); fix the file "
-                              "(indent with spaces, not tabs; close every bracket and quote)") from e
+            problem = _yaml_problem(e)
+            hint = ("indent with spaces, not tabs" if "'\\t'" in problem else
+                    "keep each key once per section" if "appears twice" in problem else
+                    "close every bracket and quote; indent with spaces")
+            raise ConfigError(f"config {p} is not valid YAML ({problem}); fix the file ({hint})") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         raw = loaded
@@ -476,6 +501,24 @@ def check_values(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value < 1:
             raise ConfigError(f"config key {dotted!r}: {value} is not allowed; give an integer >= 1")
+    for dotted in ("preprocessing.spacing", "preprocessing.target_shape", "data.synth_shape"):
+        section, key = dotted.split(".")
+        values = getattr(getattr(cfg, section), key)
+        if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ConfigError(f"config key {dotted!r}: {values} is not allowed; give three positive "
+                              "finite numbers (x, y, z)")
+
+    def no_nan(obj: Any, key: str) -> None:
+        if isinstance(obj, float) and math.isnan(obj):
+            raise ConfigError(f"config key {key!r}: NaN is not allowed; give a number")
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                no_nan(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                no_nan(v, f"{key}[{i}]")
+
+    no_nan(cfg.to_dict(), "")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
