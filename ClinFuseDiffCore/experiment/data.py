@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ class ArrayCohort:
     hidden_names: list[str]
     hidden_modalities: dict[str, tuple[str, ...]]
     parts: dict[str, np.ndarray]
+    sites: Optional[list[str]] = None  # scanner site of each patient (manifest), when known
 
     def batch(self, idx: np.ndarray) -> dict[str, Any]:
         """The model's batch layout for patients ``idx`` (images float32 (B, M_img, 1, D, H, W))."""
@@ -85,7 +86,8 @@ def _seg_volumes(seg: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.log1p(np.array([core, oedema, enh], dtype=np.float64))
 
 
-def prepare_data(cfg, sweep, out_dir: Path, progress: bool = True) -> ArrayCohort:
+def prepare_data(cfg, sweep, out_dir: Path, progress: bool = True, *,
+                 external: Optional[dict[str, Any]] = None) -> ArrayCohort:
     """Generate (or reuse) the cohort, preprocess it (or reuse the cache), load it into memory.
 
     Args:
@@ -104,7 +106,9 @@ def prepare_data(cfg, sweep, out_dir: Path, progress: bool = True) -> ArrayCohor
     d = cfg.data
     n_total = sweep.n_train + sweep.n_val + sweep.n_test
     root = Path(d.root) if d.root else out_dir / "cohort"
-    if d.root is None:
+    if external is not None:
+        root = Path(external["root"])
+    elif d.root is None:
         generate_cohort(root, n_total, shape=tuple(d.synth_shape), seed=sweep.cohort_seed,
                         site_shift=d.synth_site_shift, missing_rate=d.synth_missing_rate,
                         progress=progress, workers=sweep.workers)
@@ -115,17 +119,29 @@ def prepare_data(cfg, sweep, out_dir: Path, progress: bool = True) -> ArrayCohor
         raise FileNotFoundError(f"{root}: the experiment needs {d.outcome_file}")
     records = sorted(cohort.records, key=lambda r: r.patient_id)
     ids = [r.patient_id for r in records]
+    if external is not None:
+        n_total = len(ids)
     if len(ids) < n_total:
         raise ValueError(f"{root} has {len(ids)} usable patients; sweep sizes need {n_total}")
     records, ids = records[:n_total], ids[:n_total]
     cache_root = Path(d.cache_dir) if d.cache_dir else out_dir / "cache"
+    if external is not None:
+        cache_root = Path(external["cache"])
     report = build_cache(records, cfg.preprocessing, cache_root, workers=sweep.workers, progress=progress)
     failed = getattr(report, "failed", None) or getattr(report, "failures", None)
     if failed:
         raise RuntimeError(f"preprocessing failed for {len(failed)} patients ({list(failed)[:3]}); see {cache_root}")
 
+    sites = _manifest_sites(root, ids)
     split_file = out_dir / "split.json"
-    if split_file.exists():
+    if external is not None:
+        # An external (shifted) cohort: nothing is trained on it; its first site (sorted names)
+        # is the validation site (TTT settings are tuned there), the other sites are the test.
+        first = sorted(set(sites))[0]
+        parts = {"train": np.zeros(0, np.int64),
+                 "val": np.array([i for i, s in enumerate(sites) if s == first], np.int64),
+                 "test": np.array([i for i, s in enumerate(sites) if s != first], np.int64)}
+    elif split_file.exists():
         saved = json.loads(split_file.read_text(encoding="utf-8"))
         parts = {k: np.array([ids.index(i) for i in saved[k]], dtype=np.int64) for k in ("train", "val", "test")}
     else:
@@ -149,15 +165,23 @@ def prepare_data(cfg, sweep, out_dir: Path, progress: bool = True) -> ArrayCohor
         if pp.seg is not None:
             aux[i] = _seg_volumes(pp.seg, pp.affine)
     tr = parts["train"]
-    mu, sd = np.nanmean(aux[tr], 0), np.nanstd(aux[tr], 0) + 1e-6
-    aux = ((aux - mu) / sd).astype(np.float32)
+    if len(tr):
+        mu, sd = np.nanmean(aux[tr], 0), np.nanstd(aux[tr], 0) + 1e-6
+        aux = ((aux - mu) / sd).astype(np.float32)
+    else:  # external cohort: the volumes are a stage-1 training target only
+        aux = aux.astype(np.float32)
 
     # Tabular modalities: normalisers fitted on the training patients only.
     tabular, dims = {}, {}
     for m in tab_mods:
         table = cohort.tables[m]
-        norm = TabularNormalizer(table).fit([ids[i] for i in tr])
-        arrs = norm.transform(ids)
+        if external is not None:  # normalised as the training cohort was (fitted on its training patients)
+            ref = external["reference_tables"][m]
+            norm = TabularNormalizer(ref).fit(external["reference_train_ids"])
+            arrs = norm.transform(ids, table=table)
+        else:
+            norm = TabularNormalizer(table).fit([ids[i] for i in tr])
+            arrs = norm.transform(ids)
         tabular[m] = {k: torch.from_numpy(np.asarray(v)) for k, v in arrs.items()}
         dims[m] = norm.dims()
         have = set(table.ids) if hasattr(table, "ids") else set(ids)
@@ -180,7 +204,18 @@ def prepare_data(cfg, sweep, out_dir: Path, progress: bool = True) -> ArrayCohor
         tabular=tabular, tabular_dims=dims, present=present, labels=labels, aux=aux,
         hidden=hidden, hidden_names=hidden_names,
         hidden_modalities={k: tuple(v) for k, v in FEATURE_MODALITIES.items()}, parts=parts,
+        sites=sites,
     )
+
+
+def _manifest_sites(root: Path, ids: list[str]) -> list[str]:
+    """Each patient's site from the cohort's manifest.csv ("unknown" without one)."""
+    manifest = Path(root) / "manifest.csv"
+    if not manifest.is_file():
+        return ["unknown"] * len(ids)
+    with open(manifest, encoding="utf-8", newline="") as f:
+        rows = {r["patient_id"]: r.get("site") or "unknown" for r in csv.DictReader(f)}
+    return [rows.get(i, "unknown") for i in ids]
 
 
 def save_tensors(path: Path, obj: dict[str, Any]) -> None:

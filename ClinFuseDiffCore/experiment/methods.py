@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -312,3 +312,206 @@ def imputation_diagnostics(impute, teacher: FusionHead, tokens: torch.Tensor, pr
         cos[k - 1] = float(np.mean(cs))
         pair[k - 1] = float(np.mean(ps)) if ps else 1.0
     return {"cosine_to_full_by_size": cos.round(4).tolist(), "sample_pair_cosine_by_size": pair.round(4).tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11: adding a modality must not hurt; a head trained on what it sees; TTT
+# --------------------------------------------------------------------------------------------
+def nested_masks(cond: np.ndarray, present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A superset S' of each row's subset S: S plus one modality the patient has outside S (S
+    itself when S is already everything the patient has)."""
+    out = cond.copy()
+    extra = present & ~cond
+    r = rng.random(cond.shape) * extra
+    rows = extra.any(1)
+    out[np.flatnonzero(rows), r[rows].argmax(1)] = True
+    return out
+
+
+def fit_nested(cfg, sweep, td: TokenData, seed: int, w_rank: float = 1.0, w_kd: float = 1.0
+               ) -> tuple[FusionHead, Scorer, dict]:
+    """Attention fusion trained so that adding a modality does not hurt.
+
+    Each row is seen with a uniformly drawn subset S and a nested superset S' = S + one more
+    modality. Loss = CE(S) + CE(S') + ``w_rank`` * mean(relu(CE_i(S') - CE_i(S))) (SimMLM's
+    ranking: the loss with more modalities must not exceed the loss with fewer) + ``w_kd`` *
+    KL(p_full || p_S) with p_full the same network's prediction on everything the patient has,
+    without gradient (distillation from the full set to each subset)."""
+    torch.manual_seed(seed)
+    net = FusionHead("attention", cfg, 2)
+    get = _batches(td, sweep, seed, cfg.data.subset_sampling)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 41]))
+
+    def loss_fn(step: int) -> torch.Tensor:
+        tok, cond, pres, y = get(step)
+        sup = torch.from_numpy(nested_masks(cond.numpy(), pres.numpy(), rng))
+        B = tok.shape[0]
+        logits = net(torch.cat([tok, tok, tok]), torch.cat([cond, sup, pres]))
+        ls, lsup, lfull = logits[:B], logits[B:2 * B], logits[2 * B:]
+        ce_s = F.cross_entropy(ls, y, reduction="none")
+        ce_sup = F.cross_entropy(lsup, y, reduction="none")
+        rank = F.relu(ce_sup - ce_s).mean()
+        kd = F.kl_div(F.log_softmax(ls, -1), F.softmax(lfull.detach(), -1), reduction="batchmean")
+        return ce_s.mean() + ce_sup.mean() + w_rank * rank + w_kd * kd
+
+    net.train()
+    losses = _fit(list(net.parameters()), loss_fn, sweep.steps, sweep.lr, sweep.weight_decay)
+    net.eval()
+
+    @torch.no_grad()
+    def scorer(tok, av, gen):
+        return _probs(net(tok, av)), None
+    return net, scorer, {"final_loss": float(np.mean(losses[-50:]))}
+
+
+def crossfit_folds(train: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Disjoint folds of the training patients (a fixed permutation)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 43]))
+    perm = rng.permutation(train)
+    return [np.sort(perm[k::folds]) for k in range(folds)]
+
+
+def fit_crossfit_head(kind: str, cfg, sweep, td: TokenData, seed: int, teacher: FusionHead,
+                      folds: int = 2, draws: int = 8) -> tuple[nn.Module, Scorer, dict]:
+    """An imputer (``kind`` = "regressor" or "diffusion") and a head fine-tuned on its imputations,
+    cross-fitted: the training patients are split into ``folds``; an imputer is trained on all
+    folds but one and imputes the held-out fold's patients (``draws`` uniform subsets each, K
+    samples for diffusion); the teacher's head is fine-tuned (``sweep.steps`` // 2 steps) on
+    these out-of-fold imputations with the patients' labels, so no patient's head training uses an
+    imputation from a model that trained on that patient. At test time the fold imputers are an
+    ensemble: every sample comes from one of them in turn (K >= folds), the posterior mean
+    (mean of the K probabilities) drives the prediction and the K samples give the spread."""
+    fit = {"regressor": fit_regressor, "diffusion": fit_diffusion}[kind]
+    parts = crossfit_folds(td.train, folds, seed)
+    imputers, meta = [], {"folds": folds, "draws": draws, "fold_sizes": [len(p) for p in parts]}
+    zs, ys, plan = [], [], []
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 47]))
+    for k, held in enumerate(parts):
+        fit_idx = np.sort(np.concatenate([p for j, p in enumerate(parts) if j != k]))
+        sub = TokenData(td.tokens, td.present, td.labels, fit_idx)
+        _, sc, m = fit(cfg, sweep, sub, seed * 10 + k, teacher)
+        imputers.append(sc.impute)
+        meta[f"fold{k}_final_loss"] = m["final_loss"]
+        pres = np.repeat(td.present[held], draws, 0)
+        cond = sample_subset_masks(pres, cfg.data.subset_sampling, rng)
+        pat = torch.from_numpy(np.repeat(held, draws))
+        plan.append({"fit": sub.train.copy(), "imputed": np.unique(pat.numpy())})
+        g = torch.Generator().manual_seed(int(seed) * 131 + k)
+        z = sc.impute(td.tokens.index_select(0, pat), torch.from_numpy(cond), g)  # (K, n, E)
+        zs.append(z.reshape(-1, z.shape[-1]))
+        ys.append(td.labels.index_select(0, pat).repeat(z.shape[0]))
+    Z, Y = torch.cat(zs), torch.cat(ys)
+    meta["imputations"] = int(Z.shape[0])
+
+    head = copy.deepcopy(teacher.head)
+    head.train()
+    hrng = np.random.default_rng(np.random.SeedSequence([int(seed), 53]))
+
+    def loss_fn(step: int) -> torch.Tensor:
+        i = torch.from_numpy(hrng.integers(0, Z.shape[0], size=sweep.batch_size))
+        return F.cross_entropy(head(Z.index_select(0, i)), Y.index_select(0, i))
+
+    losses = _fit(list(head.parameters()), loss_fn, max(1, sweep.steps // 2), sweep.lr, sweep.weight_decay)
+    head.eval()
+    meta["final_loss"] = float(np.mean(losses[-50:]))
+
+    @torch.no_grad()
+    def impute(tok, av, g):
+        return torch.cat([imp(tok, av, g) for imp in imputers], 0)  # (folds * K, N, E)
+
+    @torch.no_grad()
+    def scorer(tok, av, g):
+        p = _probs(head(impute(tok, av, g)))
+        return p.mean(0), p
+    scorer.impute = impute  # type: ignore[attr-defined]
+    scorer.plan = plan  # type: ignore[attr-defined]  # which patients each fold imputer fitted / imputed
+    return head, scorer, meta
+
+
+TTT_GRID = tuple({"params": p, "lr": lr} for p in ("norm", "norm_qkv") for lr in (1e-2, 1e-1))
+
+
+def _rows(present: np.ndarray, idx: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Subset-major rows (S*P,) -> patient index and available mask, as ``score_subsets``."""
+    S, P = len(masks), len(idx)
+    pat = np.tile(idx, S)
+    return pat, np.repeat(masks, P, axis=0) & present[pat]
+
+
+def _mean_auroc(scores: np.ndarray, y: np.ndarray) -> float:
+    """Mean over subsets (rows of ``scores`` (S, P)) of the AUROC."""
+    from ..evaluation.stats import _auroc_unweighted
+
+    return float(np.mean(_auroc_unweighted(scores, np.asarray(y).astype(bool))))
+
+
+def run_ttt(ttt, tokens: torch.Tensor, present: np.ndarray, idx: np.ndarray, masks: np.ndarray, seed: int,
+            mode: str = "episodic", sites: Optional[list[str]] = None, chunk: int = 32768) -> dict[str, np.ndarray]:
+    """TTT on every (subset, patient) row of ``idx``; arrays reshaped (S, P): ``p`` (probability of
+    class 1 used), ``stored``, ``adapted``, ``accepted``, ``anchor``.
+
+    ``online``: one stream per (subset, site): the site's patients in index order, in batches of
+    ``ttt.s.batch``, adapted as they arrive and reset between streams."""
+    pat, av = _rows(present, idx, masks)
+    S, P = len(masks), len(idx)
+    out: dict[str, list] = {k: [] for k in ("p", "stored", "adapted", "accepted", "anchor")}
+    if mode == "episodic":
+        for c, s in enumerate(range(0, S * P, chunk)):
+            e = min(S * P, s + chunk)
+            r = ttt.adapt_episodes(tokens.index_select(0, torch.from_numpy(pat[s:e])),
+                                   torch.from_numpy(av[s:e]), seed=int(seed) * 100003 + c)
+            for k, v in (("p", r.out[:, 1]), ("stored", r.stored[:, 1]), ("adapted", r.adapted[:, 1]),
+                         ("accepted", r.accepted), ("anchor", r.anchor)):
+                out[k].append(v.detach().numpy())
+    else:
+        site = np.array(sites)[pat]
+        stream = [f"{i // P}:{site[i]}" for i in range(S * P)]  # one stream per (subset, site)
+        r = ttt.adapt_stream(tokens.index_select(0, torch.from_numpy(pat)), torch.from_numpy(av), stream, seed=seed)
+        for k, v in (("p", r.out[:, 1]), ("stored", r.stored[:, 1]), ("adapted", r.adapted[:, 1]),
+                     ("accepted", r.accepted), ("anchor", r.anchor)):
+            out[k].append(v.detach().numpy())
+    return {k: np.concatenate(v).reshape(S, P) for k, v in out.items()}
+
+
+def tune_ttt(teacher: FusionHead, tokens: torch.Tensor, present: np.ndarray, val_idx: np.ndarray,
+             y_val: np.ndarray, masks: np.ndarray, seed: int, mode: str, sites: Optional[list[str]] = None,
+             steps: int = 3, views: int = 2, grid=TTT_GRID) -> tuple[Any, dict]:
+    """Pick the TTT settings (grid over parameter set x learning rate) and the acceptance
+    threshold on the validation patients by their mean AUROC over subsets; report how the
+    acceptance rule sorts the validation updates (how many hurt: per-episode log-loss with the
+    label went up)."""
+    from ..ttt.midl import MiDlSettings, MiDlTTT
+
+    rows = []
+    best = None
+    for g in grid:
+        s = MiDlSettings(steps=steps, views=views, accept=False, **g)
+        r = run_ttt(MiDlTTT(teacher.fusion, teacher.head, s), tokens, present, val_idx, masks, seed, mode, sites)
+        stored_auc = _mean_auroc(r["stored"], y_val)
+        auc = _mean_auroc(r["adapted"], y_val)
+        rows.append({**g, "val_mean_auroc": round(auc, 5), "val_stored": round(stored_auc, 5)})
+        if best is None or auc > best[0]:
+            best = (auc, g, r)
+    _, g, r = best
+    # The acceptance threshold on the anchor divergence, from quantiles of the validation updates.
+    yv = y_val[None, :]
+    ll = lambda p: -(yv * np.log(np.clip(p, 1e-7, 1)) + (1 - yv) * np.log(np.clip(1 - p, 1e-7, 1)))  # noqa: E731
+    hurt = ll(r["adapted"]) > ll(r["stored"]) + 1e-9
+    moved = np.abs(r["adapted"] - r["stored"]) > 1e-9
+    cands = [float("inf")] + [float(np.quantile(r["anchor"][moved], q)) for q in (0.5, 0.75, 0.9, 0.95)] if moved.any() else [float("inf")]
+    choice = []
+    for tau in cands:
+        acc = moved & (r["anchor"] <= tau)
+        p = np.where(acc, r["adapted"], r["stored"])
+        choice.append((_mean_auroc(p, y_val), tau, acc))
+    auc, tau, acc = max(choice, key=lambda c: c[0])
+    report = {
+        "grid": rows, "chosen": {**g, "steps": steps, "views": views, "kl_max": tau},
+        "val_mean_auroc_after_rule": round(auc, 5),
+        "val_updates": int(moved.sum()), "val_hurt": int((hurt & moved).sum()),
+        "val_hurt_rate_accepted": float((hurt & acc).sum() / max(1, acc.sum())),
+        "val_hurt_rate_rejected": float((hurt & moved & ~acc).sum() / max(1, (moved & ~acc).sum())),
+        "val_accept_rate": float(acc.sum() / max(1, moved.sum())),
+    }
+    settings = MiDlSettings(steps=steps, views=views, accept=True, kl_max=tau, **g)
+    return settings, report

@@ -21,6 +21,11 @@ METHODS = (
     "dedicated",        # one attention model per subset (a stated sample of subsets)
     "oracle_full",      # the teacher on the full set, whatever the subset (sees what is missing)
     "oracle_hidden",    # logistic regression on the hidden features visible in the subset
+    "attention_nested",  # attention trained so that adding a modality does not hurt (ranking + full-set distillation)
+    "attention_ttt",    # the attention teacher + episodic MiDl TTT (settings tuned on validation)
+    "attention_ttt_online",  # the attention teacher + online MiDl TTT per (subset, site) stream
+    "regressor_head",   # cross-fitted MSE-regressor imputers + a head fine-tuned on their imputations
+    "diffusion_head",   # cross-fitted diffusion imputers + a head fine-tuned on their samples
 )
 
 
@@ -75,7 +80,8 @@ def load_research_config(path: str = "research", overrides: Optional[list[str]] 
         raise ConfigError(f"sweep.methods {bad} not in {list(METHODS)}")
     if sweep.reference not in sweep.methods:
         raise ConfigError(f"sweep.reference {sweep.reference!r} must be one of sweep.methods {sweep.methods}")
-    needs_teacher = {"regressor", "diffusion", "oracle_full"} & set(sweep.methods)
+    needs_teacher = {"regressor", "diffusion", "oracle_full", "attention_ttt", "attention_ttt_online",
+                     "regressor_head", "diffusion_head"} & set(sweep.methods)
     if needs_teacher and "attention" not in sweep.methods:
         raise ConfigError(f"sweep.methods {sorted(needs_teacher)} need 'attention' (their teacher) in sweep.methods")
     if min(sweep.n_train, sweep.n_val, sweep.n_test) < 2:

@@ -33,13 +33,17 @@ from .data import ArrayCohort, load_tensors, prepare_data, save_tensors
 from .methods import (
     FusionHead,
     TokenData,
+    fit_crossfit_head,
     fit_diffusion,
     fit_diffusion_main,
     fit_fusion,
     fit_hidden_oracle,
+    fit_nested,
     fit_regressor,
     imputation_diagnostics,
+    run_ttt,
     score_subsets,
+    tune_ttt,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,8 @@ log = logging.getLogger(__name__)
 # Rough relative cost of a unit (for the ETA before any unit of that kind has run).
 COST = {"stage1": 40.0, "attention": 1.0, "mean": 0.6, "attention_size": 1.0, "attention_indep": 1.0,
         "regressor": 3.0, "diffusion": 6.0, "diffusion_main": 8.0, "dedicated": 8.0, "oracle_full": 0.3,
-        "oracle_hidden": 0.5}
+        "oracle_hidden": 0.5, "attention_nested": 2.5, "attention_ttt": 5.0, "attention_ttt_online": 4.0,
+        "regressor_head": 7.0, "diffusion_head": 25.0}
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -251,6 +256,31 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
             net, scorer, meta = fit_fusion("mean" if kind == "mean" else "attention", cfg, sweep, td, seed, mode)
             if kind == "attention":
                 save_tensors(out / f"s1_{s1}" / "attention" / f"seed{r}.pt", net.state_dict())
+        elif kind == "attention_nested":
+            net, scorer, meta = fit_nested(cfg, sweep, td, seed)
+            save_tensors(out / f"s1_{s1}" / kind / f"seed{r}.pt", net.state_dict())
+        elif kind in ("attention_ttt", "attention_ttt_online"):
+            from ..ttt.midl import MiDlTTT
+
+            t = teacher()
+            mode = "online" if kind.endswith("online") else "episodic"
+            settings, report = tune_ttt(t, td.tokens, data.present, val_idx, data.labels[val_idx], masks, seed,
+                                        mode, data.sites)
+            ttt = MiDlTTT(t.fusion, t.head, settings)
+            rv = run_ttt(ttt, td.tokens, data.present, val_idx, masks, seed, mode, data.sites)
+            rt = run_ttt(ttt, td.tokens, data.present, test_idx, masks, seed + 7, mode, data.sites)
+            report.update(test_accept_rate=float(rt["accepted"].mean()),
+                          test_mean_abs_change=float(np.abs(rt["p"] - rt["stored"]).mean()),
+                          seconds=time.perf_counter() - t_unit)
+            _save_npz(f, val=rv["p"], test=rt["p"], meta=np.array(json.dumps(report)))
+            prog.finish(kind, time.perf_counter() - t_unit, f"{kind} seed {r}")
+            continue
+        elif kind in ("regressor_head", "diffusion_head"):
+            t = teacher()
+            sw = dataclasses.replace(sweep, samples=max(1, sweep.samples // 2)) if kind == "diffusion_head" else sweep
+            _, scorer, meta = fit_crossfit_head(kind.split("_")[0], cfg, sw, td, seed, t)
+            meta["diagnostics"] = imputation_diagnostics(scorer.impute, t, td.tokens, data.present, val_idx, masks, seed)
+            keep_samples = True
         elif kind == "oracle_full":
             t = teacher()
             full = np.ones((1, M), bool)

@@ -94,6 +94,10 @@ def write_verdict(out: Path, cfg, sweep, data: ArrayCohort, subsets: list[tuple[
                 corr.append([float(sd[sizes == k].mean()) for k in range(1, len(data.modalities) + 1)])
             entry["error_auroc_of_sample_std"] = float(np.mean(au))
             entry["mean_sample_std_by_size"] = np.mean(corr, 0).round(5).tolist()
+        for k in ("chosen", "val_accept_rate", "val_hurt_rate_accepted", "val_hurt_rate_rejected",
+                  "val_updates", "val_hurt", "test_accept_rate", "test_mean_abs_change"):
+            if any(k in x for x in ms):  # TTT: chosen settings and what the acceptance rule did, per seed
+                entry[f"{k}_per_seed"] = [x.get(k) for x in ms]
         entry["train_seconds_mean"] = float(np.mean([x.get("seconds", np.nan) for x in ms]))
         if any("final_loss" in x for x in ms):
             entry["final_loss_mean"] = float(np.mean([x["final_loss"] for x in ms if "final_loss" in x]))

@@ -156,3 +156,47 @@ def test_decoupled_diffusion_gets_no_head_gradient_and_leaves_the_teacher_untouc
     _, rscorer, _ = fit_regressor(cfg, sweep, td, 0, teacher)
     zr = rscorer.impute(tokens[:8], av, None)
     assert torch.nn.functional.cosine_similarity(zr[0], zf, dim=-1).mean().item() > 0.3
+
+
+def test_nested_masks_add_one_modality_the_patient_has():
+    from ClinFuseDiffCore.experiment.methods import nested_masks
+
+    rng = np.random.default_rng(0)
+    present = rng.random((200, 7)) < 0.7
+    present[:, 0] = True
+    cond = present & (rng.random((200, 7)) < 0.5)
+    cond[~cond.any(1), 0] = True
+    sup = nested_masks(cond, present, rng)
+    assert not (cond & ~sup).any()  # a superset
+    assert not (sup & ~present).any()  # of what the patient has
+    grow = sup.sum(1) - cond.sum(1)
+    can = (present & ~cond).any(1)
+    assert (grow[can] == 1).all() and (grow[~can] == 0).all()
+
+
+def test_crossfit_head_never_trains_on_a_patients_own_imputations():
+    """Each fold imputer imputes only patients it did not fit; together they impute every
+    training patient; the teacher stays untouched and the scorer gives K samples."""
+    from ClinFuseDiffCore.experiment.methods import FusionHead, TokenData, crossfit_folds, fit_crossfit_head
+    from ClinFuseDiffCore.experiment.settings import load_research_config
+
+    cfg, sweep = load_research_config("research", ["sweep.diffusion_steps=20", "sweep.steps=20", "sweep.batch_size=32"])
+    torch.manual_seed(0)
+    P, M, E = 60, 7, cfg.model.embed_dim
+    tokens = torch.randn(P, M, E)
+    train = np.arange(40)
+    td = TokenData(tokens, np.ones((P, M), bool), torch.randint(0, 2, (P,)), train)
+    folds = crossfit_folds(train, 2, 0)
+    assert sorted(np.concatenate(folds).tolist()) == train.tolist()
+    teacher = FusionHead("attention", cfg, 2).eval()
+    snap = {k: v.clone() for k, v in teacher.state_dict().items()}
+    head, scorer, meta = fit_crossfit_head("regressor", cfg, sweep, td, 0, teacher, folds=2, draws=2)
+    seen = np.zeros(P, int)
+    for part in scorer.plan:
+        assert not set(part["fit"].tolist()) & set(part["imputed"].tolist())
+        seen[part["imputed"]] += 1
+    assert (seen[train] == 1).all() and (seen[40:] == 0).all()  # every training patient once, no test patient
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in snap.items())
+    p, ps = scorer(tokens[40:], torch.ones(20, M, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert p.shape == (20,) and ps.shape == (2, 20)  # one sample per fold imputer
+    assert meta["imputations"] == 40 * 2
