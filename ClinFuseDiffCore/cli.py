@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if not is_environment_fault(e) or os.environ.get("CLINFUSEDIFF_DEBUG"):
             raise
-        print(f"clinfusediff {args.command}: error: {environment_fault(e)}", file=sys.stderr)
+        print(f"clinfusediff {args.command}: error: {environment_fault(e, 'access')}", file=sys.stderr)
         return 1
 
 

@@ -51,7 +51,9 @@ def test_survival_trains_on_the_demo_defaults_and_says_the_split(trained):
     assert n == {"train": 20, "val": 10, "test": 10}
     assert (f"split: 40 patients -> 20 train / 10 validation / 10 test" in r.stderr
             and f"saved in {out / 'split.json'}" in r.stderr), r.stderr[-3000:]
-    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    # the printed summary, then a last line saying how many patients were left out
+    summary, end = json.JSONDecoder().raw_decode(r.stdout, r.stdout.index("{"))
+    assert r.stdout[end:].strip().splitlines()[-1].endswith("no patient left out")
     assert summary == json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["split"] == {**n, "file": str(out / "split.json")}
     assert summary["selection"]["monitor"] == "val_mean_subsets_c_index"

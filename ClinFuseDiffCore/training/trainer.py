@@ -33,7 +33,13 @@ token table; end to end it is computed once at the end of training for ``best.pt
 ``--resume last.pt`` continues exactly: model, optimiser, LR scheduler, GradScaler, epoch,
 early-stopping counters and every RNG state are restored, and every sample's augmentation and
 modality dropout is a function of (seed, epoch, index) (``data.dataset``), so an interrupted
-and resumed run gives the same losses as an uninterrupted one (tested).
+and resumed run gives the same losses as an uninterrupted one (tested). A resume keeps the
+checkpoint's config and split: an override outside ``runstate.RESUME_MAY_CHANGE`` (paths, device,
+threads, workers, ``training.epochs``, ``training.log_every``) is refused, naming the keys.
+
+Every checkpoint written during the epochs holds ``finished: False``; ``best.pt`` and ``last.pt``
+are re-saved with ``finished: True`` once the schedule (or early stopping) ended, and
+``evaluate``/``infer`` refuse the others unless ``--allow-unfinished``.
 
 AMP: ``training.amp=bf16|fp16`` autocasts on CUDA (fp16 with a GradScaler). On a CPU only bf16
 autocast is used (torch's CPU autocast supports bf16; fp16 falls back to fp32 with a warning).
@@ -182,6 +188,36 @@ def lr_lambda_factory(warmup_steps: int, total_steps: int, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def write_checkpoint(path: Path, payload: Mapping[str, Any]) -> Path:
+    """``save_checkpoint``, with a write fault of the machine (disk full, read-only folder, I/O
+    error) raised as ``utils.EnvironmentFault`` naming the file and the fix.
+
+    torch's zip writer reports a full disk as a ``RuntimeError`` ("unexpected pos ...", "file
+    write failed"), not an ``OSError``; the free space left on that disk is shown with it.
+    """
+    import shutil
+
+    from ..utils import EnvironmentFault, environment_fault
+
+    try:
+        return save_checkpoint(path, payload)
+    except OSError as e:
+        raise environment_fault(e, "write the checkpoint", path) from e
+    except RuntimeError as e:
+        text = str(e)
+        if not any(s in text for s in ("inline_container", "PytorchStreamWriter", "file write failed")):
+            raise
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        raise EnvironmentFault(
+            f"cannot write the checkpoint {path}: torch could not write the file ({text.strip()}; "
+            f"{free}); the disk is probably full or failing: free space there or choose another "
+            "--out, then rerun (--resume <out>/last.pt continues from the last checkpoint written)",
+            str(path)) from e
 
 
 def monitor_mode(name: str) -> str:
@@ -412,7 +448,9 @@ def train(
     Args:
         cfg: the resolved config.
         out_dir: output folder (``best.pt``, ``last.pt``, ``config.yaml``, ``tb/``, ``history.json``).
-        resume: a ``last.pt`` to continue from exactly.
+        resume: a ``last.pt`` to continue from exactly. ``cfg`` must equal the checkpoint's
+            config outside ``runstate.RESUME_MAY_CHANGE`` (else ValueError naming the keys); the
+            checkpoint's split is written to the split file (or must equal the one there).
         encoder_checkpoint: stage 2 of two-stage training — take (and freeze) the encoders of
             this checkpoint, cache tokens once and train the fusion + head on them.
         cohort: a prepared ``data.dataset.TrainingCohort`` (built from ``cfg`` when None).
@@ -686,8 +724,8 @@ def train(
             bank_now = (stage2_bank() if features_mode
                         else empty_bank(len(cohort.modalities), cfg.model.embed_dim))
             if improved or best_epoch == epoch + 1:
-                save_checkpoint(best_path, payload(epoch, bank_now))
-            save_checkpoint(last_path, payload(epoch, bank_now))
+                write_checkpoint(best_path, payload(epoch, bank_now))
+            write_checkpoint(last_path, payload(epoch, bank_now))
         barrier(dist_info)
         if tc.selection == "best" and bad_epochs > tc.early_stopping_patience:
             if main:
@@ -709,7 +747,7 @@ def train(
                 enc = encode_dataset(bank_model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
                 ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
             ck[FINISHED_KEY] = True
-            save_checkpoint(path, ck)
+            write_checkpoint(path, ck)
     if main:
         from ..utils import atomic_write_json
 

@@ -182,6 +182,59 @@ def test_disk_full_while_caching_stops_train(images, tmp_path, monkeypatch, caps
            f"exit 1 before any epoch (no patient silently left out): {line[line.index('cannot'):][:140]}...")
 
 
+def test_disk_full_while_writing_a_checkpoint_stops_train(images, tmp_path, monkeypatch, capsys):
+    """torch's zip writer reports a full disk as this RuntimeError (measured on a full tmpfs)."""
+    root, cfg = images
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        real(obj, f, *a, **k)  # the temp file is written, then the writer fails
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(cfg), "--out", str(out), "--no-progress", "training.epochs=1"])
+    line = one_line_error(capsys)
+    assert rc == 1 and str(out / "best.pt") in line and "disk is probably full" in line
+    assert not (out / "best.pt").exists() and not leftovers(out)
+    record("disk full while writing a checkpoint (torch's RuntimeError): train", "clean error",
+           f"exit 1: {line[line.index('cannot'):][:150]}...; no half checkpoint")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of a given size under tmp_path (needs the right to mount: skipped otherwise)."""
+    mounted = []
+
+    def make(size: str) -> Path:
+        d = tmp_path / f"disk_{size}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); the simulated "
+                        "ENOSPC tests cover this case")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.mark.parametrize("size,where", [("100k", "cache entry"), ("600k", "checkpoint")])
+def test_real_full_disk_stops_train(images, small_disk, capsys, size, where):
+    root, cfg = images
+    out = small_disk(size) / "run"
+    rc = main(["train", "--config", str(cfg), "--out", str(out), "--no-progress", "training.epochs=1"])
+    line = one_line_error(capsys)
+    assert rc == 1 and f"cannot write the {where}" in line and str(out) in line
+    assert "full" in line and not leftovers(out)
+    assert not (out / "train_summary.json").exists()
+    record(f"real full disk (tmpfs {size}) at the first {where}: train", "clean error",
+           f"exit 1: {line[line.index('cannot'):][:150]}...; no temp file left")
+
+
 def test_bad_patient_is_skipped_and_counted(images, tmp_path, capsys):
     root, cfg = images
     bad = tmp_path / "cohort"
@@ -349,9 +402,9 @@ def test_reused_out_holds_one_patients_set(infer_inputs, tmp_path, capsys):
            "the patient and the one file")
 
 
-@pytest.mark.parametrize("stage", [("prediction.json", 2), ("outputs.json", 1)],
-                         ids=["moving-files-in", "before-manifest"])
-def test_killed_infer_into_reused_out(infer_inputs, tmp_path, capsys, stage):
+def test_killed_infer_into_reused_out(infer_inputs, tmp_path, capsys):
+    """Patient A's set, then B's run killed while moving its files in, again just before its
+    manifest, then rerun: never a folder that reads as a valid set mixing A and B."""
     from ClinFuseDiffCore.outputs import read_output_set
 
     ckpt, cohort = infer_inputs
@@ -359,35 +412,41 @@ def test_killed_infer_into_reused_out(infer_inputs, tmp_path, capsys, stage):
     assert main(infer_argv(ckpt, cohort, "A", out)) == 0
     assert main(infer_argv(ckpt, cohort, "B", ref)) == 0  # the uninterrupted result
     capsys.readouterr()
-    run_killed(infer_argv(ckpt, cohort, "B", out), *stage)
-    with pytest.raises(ValueError, match="incomplete"):
-        read_output_set(out)  # the folder no longer reads as a valid set of A, nor of B
-    assert leftovers(out)
+    stages = [("prediction.json", 2), ("outputs.json", 1)]  # 2nd prediction.json rename: into --out
+    for stage in stages:
+        run_killed(infer_argv(ckpt, cohort, "B", out), *stage)
+        with pytest.raises(ValueError, match="incomplete"):
+            read_output_set(out)  # the folder no longer reads as a valid set of A, nor of B
+        assert leftovers(out)
     assert main(infer_argv(ckpt, cohort, "B", out)) == 0  # the rerun
     capsys.readouterr()
     m = read_output_set(out)
     assert m["patient_id"] == "B" and not leftovers(out) and same_prediction(out, ref)
-    record(f"SIGKILL of infer into a reused --out ({stage[0]} rename #{stage[1]})", "correct result",
-           "the folder holds no valid set (outputs.json absent) until the rerun, which removes the staging "
-           "folder and gives the uninterrupted run's prediction")
+    for name, n in stages:
+        record(f"SIGKILL of infer into a reused --out ({name} rename #{n})", "correct result",
+               "the folder holds no valid set (outputs.json absent) until the rerun, which removes the "
+               "staging folder and gives the uninterrupted run's prediction")
 
 
 # --------------------------------------------------------------------------------------------
 # 5. SIGKILL at a write stage of synth / preprocess / train, then a rerun
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", [("cohort.json", 1), ("patient_002", 1)], ids=["marker", "patient-folder"])
-def test_killed_synth_rerun_is_identical(tmp_path, capsys, stage):
-    argv = ["synth", "--patients", "3", "--shape", "16", "16", "16", "--seed", "3", "--no-progress"]
+def test_killed_synth_rerun_is_identical(tmp_path, capsys):
+    # one patient: every synth run samples every patient's anatomy first (seconds each)
+    argv = ["synth", "--patients", "1", "--shape", "16", "16", "16", "--seed", "3", "--no-progress"]
     assert main(argv + ["--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    run_killed(argv + ["--out", str(out)], *stage)
-    assert leftovers(out)
+    stages = [("cohort.json", 1), ("patient_001", 1)]  # the marker (first write), the patient folder
+    for stage in stages:
+        run_killed(argv + ["--out", str(out)], *stage)
+        assert leftovers(out)
     assert main(argv + ["--out", str(out)]) == 0
     capsys.readouterr()
     assert not leftovers(out)
     assert tree_digest(out, skip=("cohort.json",)) == tree_digest(tmp_path / "ref", skip=("cohort.json",))
-    record(f"SIGKILL of synth ({stage[0]} rename)", "correct result",
-           "the rerun finishes the cohort byte for byte as an uninterrupted run and removes the temp files")
+    for name, _ in stages:
+        record(f"SIGKILL of synth ({name} rename)", "correct result",
+               "the rerun finishes the cohort byte for byte as an uninterrupted run and removes the temp files")
 
 
 def test_killed_preprocess_rerun_is_identical(images, tmp_path, capsys):
@@ -407,7 +466,7 @@ def test_killed_preprocess_rerun_is_identical(images, tmp_path, capsys):
 
 def test_killed_train_rerun_is_identical(images, tmp_path, capsys):
     root, cfg = images
-    argv = ["train", "--config", str(cfg), "--no-progress"]
+    argv = ["train", "--config", str(cfg), "--no-progress", "training.epochs=1"]
     assert main(argv + ["--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "run"
     run_killed(argv + ["--out", str(out)], "best.pt", 1)  # cache + split written, first checkpoint
