@@ -45,6 +45,7 @@ from .context import setup
 from .predict import bench_batched_ttt, bench_predict, bench_predict_full_path
 from .preprocess import bench_preprocess
 from .sampling import bench_sampling
+from .sampling_cost import bench_batched_episodes, bench_k_samples, bench_tabular_diffusion_vs_attention
 from .tools import load_average, machine_info
 from .training_speed import bench_encoder_roofline, bench_training
 
@@ -56,6 +57,10 @@ TARGETS: dict[str, tuple[str, str, str, str, float | None]] = {
     "ddim_vs_ddpm": ("Sampling: DDPM all steps / DDIM few steps (time)", "x", ">= 40", "ge", 40.0),
     "ddim_vs_ddpm_auroc": ("Sampling: |AUROC(DDIM) - AUROC(DDPM)| (test set, mean over conditions)", "", "<= 0.005", "le", 0.005),
     "batched_ttt": ("Batched TTT: 32 episodes together vs one by one (throughput)", "x", ">= 8", "ge", 8.0),
+    "sampling_k8_vs_k1": ("Sampling, no TTT: K=8 / K=1 per prediction (encoders incl.)", "x", "<= 1.2", "le", 1.2),
+    "sampling_batched": ("Sampling, no TTT: 32 episodes together vs one by one (throughput)", "x", ">= 8", "ge", 8.0),
+    "tabular_diffusion_vs_attention": ("Tabular-only model: diffusion / attention time per episode", "x",
+                                       "", "", None),
     "preprocess_vs_sitk": ("Preprocessing: ours (with mask) / plain SimpleITK resample+normalise", "x", "<= 1.5", "le", 1.5),
     "preprocess_no_mask_vs_sitk": ("Preprocessing: ours (no mask) / plain SimpleITK", "x", "<= 1.5", "le", 1.5),
     "cache_vs_raw": ("Cache: build from raw / cached load (speed-up)", "x", ">= 10", "ge", 10.0),
@@ -82,6 +87,18 @@ def _row(rid: str, value: float | None, note: str = "") -> dict[str, Any]:
             "note": note}
 
 
+def _sampling_cost(ctx, quick: bool) -> dict[str, Any]:
+    """The three rows of ``sampling_cost`` in one stage (details keyed by part)."""
+    parts = {"k_samples": bench_k_samples(ctx, patients=2 if quick else 4, repeats=1 if quick else 3),
+             "batched": bench_batched_episodes(ctx, episodes=32, repeats=1 if quick else 3),
+             "tabular": bench_tabular_diffusion_vs_attention(ctx, episodes=840, repeats=1 if quick else 3)}
+    out: dict[str, Any] = {"details": {}}
+    for name, r in parts.items():
+        out["details"][name] = r.pop("details")
+        out.update(r)
+    return out
+
+
 def run_benchmark(
     config: str = "demo",
     out_dir: str | Path = "outputs/benchmark",
@@ -105,7 +122,8 @@ def run_benchmark(
         device: ``cpu`` | ``cuda`` | ``auto``.
         threads: torch CPU threads (0 = torch's default).
         skip: measurement groups to leave out (``predict``, ``full_path``, ``sampling``,
-            ``batched_ttt``, ``preprocess``, ``training``, ``roofline``); their rows read
+            ``batched_ttt``, ``sampling_cost``, ``preprocess``, ``training``, ``roofline``);
+            their rows read
             "not measured: skipped".
 
     Returns:
@@ -160,6 +178,8 @@ def run_benchmark(
     stage("batched_ttt", lambda: bench_batched_ttt(ctx, episodes=32, repeats=1 if quick else 2), ["batched_ttt"])
     if "batched_ttt" not in skip:
         values["batched_ttt"] = values.pop("ratio")
+    stage("sampling_cost", lambda: _sampling_cost(ctx, quick),
+          ["sampling_k8_vs_k1", "sampling_batched", "tabular_diffusion_vs_attention"])
     stage("preprocess", lambda: bench_preprocess(quick),
           ["preprocess_vs_sitk", "preprocess_no_mask_vs_sitk", "cache_vs_raw"])
     stage("training", lambda: bench_training(ctx, steps=2 if quick else 8),
@@ -185,6 +205,24 @@ def run_benchmark(
         d = details["predict"]
         notes.setdefault("ttt_overhead", f"{d['ttt_steps']} TTT steps ({d['ttt_params']}), K={d['K']}, "
                          f"contributions on, median of {d['patients']} patients x {d['repeats']}")
+    if details.get("sampling_cost"):
+        d = details["sampling_cost"]
+        k, b, tab = d["k_samples"], d["batched"], d["tabular"]
+        notes.setdefault("sampling_k8_vs_k1", (
+            f"{max(k['episodes_per_prediction'])} episodes per prediction (full set + leave-one-out), "
+            f"{k['steps']} {k['sampler']} steps; fixed {1e3 * k['fixed_s_per_call']:.1f} ms/call "
+            f"(encoders {1e3 * k['encoders_s']:.1f}), +{1e3 * k['s_per_extra_sample']:.2f} ms per extra "
+            f"sample (<= 1.2x needs <= {1e3 * k['target_needs_s_per_extra_sample_at_most']:.2f}); "
+            f"without contributions {k['ratio_without_contributions']:.2f}x"))
+        notes.setdefault("sampling_batched", (
+            f"K={b['K']}; fixed {1e3 * b['fixed_s_per_call']:.1f} ms/call vs "
+            f"{1e3 * b['s_per_episode_batched']:.2f} ms per episode batched (>= 8x needs fixed >= 9.3x "
+            f"the per-episode cost; here {b['fixed_over_per_episode']:.1f}x)"))
+        notes.setdefault("tabular_diffusion_vs_attention", (
+            f"{tab['episodes']} episodes, {len(tab['blocks'])} blocks: {tab['ms_per_episode']['diffusion']:.2f} "
+            f"vs {tab['ms_per_episode']['attention']:.3f} ms/episode; FLOP ratio {tab['flop_ratio']:.0f}x "
+            f"(K={tab['K']} x {tab['steps']} steps = {tab['denoiser_passes_per_episode']} denoiser passes "
+            "per episode): the bound for this computation"))
     if details.get("training"):
         d = details["training"]
         notes.setdefault("train_samples_per_s", f"batch {d['batch_size']}, {d['target_shape']}, amp {d['amp']}")

@@ -8,10 +8,12 @@ HELP = "measure TTT overhead, sampling cost, batched TTT, preprocessing, trainin
 DESCRIPTION = (
     "Measure, in one run and on one trained diffusion checkpoint: predict with TTT vs without, "
     "K=8 samples vs 1, DDIM few steps vs DDPM all steps (time and AUROC on the test set), 32 "
-    "patients' TTT batched vs one by one, preprocessing vs plain SimpleITK and cached vs raw "
-    "loading, training samples/s and peak memory, and the encoder's share of the measured "
-    "matrix-multiply rate. Without --run a short model is trained first in <out>/train. Writes "
-    "<out>/benchmark.json and benchmark.txt (docs/BENCHMARK.md explains the rows)."
+    "patients' TTT batched vs one by one, the cost of sampling without TTT (K=8 vs 1, 32 episodes "
+    "batched vs one by one, tabular diffusion vs attention per episode), preprocessing vs plain "
+    "SimpleITK and cached vs raw loading, training samples/s and peak memory, and the encoder's "
+    "share of the measured matrix-multiply rate. Without --run a short model is trained first "
+    "in <out>/train. Writes <out>/benchmark.json and benchmark.txt (docs/BENCHMARK.md explains "
+    "the rows)."
 )
 
 
@@ -25,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["predict", "full_path", "sampling", "batched_ttt", "preprocess", "training", "roofline"],
+                   choices=["predict", "full_path", "sampling", "batched_ttt", "sampling_cost", "preprocess",
+                            "training", "roofline"],
                    help="measurement groups to leave out")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (for the short training)")
 

@@ -16,6 +16,7 @@ added to c, so the modulation knows which subset it is completing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -68,15 +69,32 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+        self, x: torch.Tensor, c: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+        *, modulation: Optional[torch.Tensor] = None, first_only: bool = False,
     ) -> torch.Tensor:
-        """Args: x (N, L, D), c (N, D), key_padding_mask (N, L) True = ignore. Returns (N, L, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        """Args:
+            x: (N, L, D). c: (N, D) conditioning (unused when ``modulation`` is given).
+            key_padding_mask: (N, L) True = ignore.
+            modulation: (N, 6D) ``adaLN_modulation(c)`` computed by the caller (e.g. once for
+                rows that share c).
+            first_only: compute the output of token 0 only (its attention still reads every
+                token): what the last block needs when only token 0 is read out. Token 0's
+                values are the same as with ``first_only=False``.
+
+        Returns:
+            (N, L, D), or (N, 1, D) with ``first_only``.
+        """
+        mod = self.adaLN_modulation(c) if modulation is None else modulation  # (N, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (N, L, D)
-        h, _ = self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=False)  # (N, L, D)
+        if first_only:
+            x = x[:, :1]  # (N, 1, D)
+            h, _ = self.attn(h[:, :1], h, h, key_padding_mask=key_padding_mask, need_weights=False)  # (N, 1, D)
+        else:
+            h, _ = self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=False)  # (N, L, D)
         x = x + gate_msa.unsqueeze(1) * h
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, L, D)
-        return x + gate_mlp.unsqueeze(1) * h  # (N, L, D)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, L, D) or (N, 1, D)
+        return x + gate_mlp.unsqueeze(1) * h
 
 
 class FinalLayer(nn.Module):
@@ -91,9 +109,12 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Args: x (N, D), c (N, D). Returns (N, out_dim)."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], *,
+                modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args: x (N, D), c (N, D) (unused when ``modulation`` (N, 2D) = ``adaLN_modulation(c)``
+        is given). Returns (N, out_dim)."""
+        mod = self.adaLN_modulation(c) if modulation is None else modulation  # (N, 2D)
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(self.norm(x) * (1 + scale) + shift)  # (N, out_dim)
 
 
@@ -129,26 +150,111 @@ class TokenDenoiser(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.final = FinalLayer(dim, dim)
 
-    def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Args:
-            x_t: (N, E) noisy sample.
-            t: (N,) integer timesteps.
-            cond: (N, M, E) condition tokens (values at masked slots are ignored).
-            cond_mask: (N, M) bool, True where the condition token is present.
+    def prepare_condition(self, cond: torch.Tensor, cond_mask: torch.Tensor) -> "PreparedCondition":
+        """What the denoiser computes from the condition alone, once for many calls.
+
+        Args:
+            cond: (N, M, E) condition tokens. cond_mask: (N, M) bool, True = present.
 
         Returns:
-            (N, E) network output (eps, x0 or v, as the scheduler is configured).
+            ``PreparedCondition`` for ``forward(..., prepared=...)``.
         """
-        N = x_t.shape[0]
+        N = cond.shape[0]
         cond_mask = cond_mask.bool()
-        x = self.x_embed(x_t).unsqueeze(1)  # (N, 1, D)
-        null = self.null_token.expand(N, -1, -1)  # (N, 1, D)
-        head = torch.cat([x, null], dim=1) + self.pos_embed  # (N, 2, D)
-        seq = torch.cat([head, self.cond_embed(cond)], dim=1)  # (N, 2+M, D)
-        keep = torch.cat([torch.ones(N, 2, dtype=torch.bool, device=x_t.device), cond_mask], dim=1)  # (N, 2+M)
-        c = self.t_embedder(t) + self.mask_embed(cond_mask.to(x_t.dtype))  # (N, D)
-        for block in self.blocks:
-            seq = block(seq, c, ~keep)  # (N, 2+M, D)
-        return self.final(seq[:, 0], c)  # (N, E)
+        mask_emb = self.mask_embed(cond_mask.to(cond.dtype))  # (N, D)
+        # A condition slot absent in every row is never attended to and its output is never
+        # read: leave it out of the sequence (the result is the same; the work shrinks with it).
+        present = cond_mask.any(0)  # (M,)
+        if not bool(present.all()):
+            cond, cond_mask = cond[:, present], cond_mask[:, present]  # (N, M', E), (N, M')
+        keep = torch.cat([torch.ones(N, 2, dtype=torch.bool, device=cond.device), cond_mask], dim=1)  # (N, 2+M')
+        return PreparedCondition(
+            tokens=self.cond_embed(cond),  # (N, M', D)
+            key_padding_mask=~keep,  # (N, 2+M')
+            mask_emb=mask_emb,
+        )
+
+    def _run(self, x_t: torch.Tensor, prep: "PreparedCondition", c: torch.Tensor) -> torch.Tensor:
+        """The blocks on R = repeats x N rows (sample-major: row k*N + n has condition row n).
+
+        ``prep`` holds the N condition rows; ``c`` is (N, D) when every copy shares it (then each
+        adaLN modulation is computed on N rows and repeated, not recomputed per copy) or (R, D).
+        """
+        R, N = x_t.shape[0], prep.mask_emb.shape[0]
+        repeats = R // N
+        x = self.x_embed(x_t).unsqueeze(1)  # (R, 1, D)
+        null = self.null_token.expand(R, -1, -1)  # (R, 1, D)
+        head = torch.cat([x, null], dim=1) + self.pos_embed  # (R, 2, D)
+        tokens, kpm = prep.repeated(repeats)  # (R, M', D), (R, 2+M')
+        seq = torch.cat([head, tokens], dim=1)  # (R, 2+M', D)
+        rep = R // c.shape[0]  # 1 when c is per row
+
+        def modulation(layer: nn.Module) -> torch.Tensor:
+            mod = layer(c)  # (N or R, k*D)
+            return mod.repeat(rep, 1) if rep > 1 else mod  # (R, k*D)
+
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            # Only token 0 is read out: the last block computes its output alone.
+            seq = block(seq, None, kpm, modulation=modulation(block.adaLN_modulation),
+                        first_only=(i == last))  # (R, 2+M', D), last (R, 1, D)
+        return self.final(seq[:, 0], None, modulation=modulation(self.final.adaLN_modulation))  # (R, E)
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Optional[torch.Tensor] = None,
+        cond_mask: Optional[torch.Tensor] = None, *, prepared: Optional["PreparedCondition"] = None,
+    ) -> torch.Tensor:
+        """Args:
+            x_t: (R, E) noisy samples.
+            t: (R,) integer timesteps, or one timestep (int or 0-d tensor) for every row.
+            cond: (R, M, E) condition tokens (values at masked slots are ignored).
+            cond_mask: (R, M) bool, True where the condition token is present.
+            prepared: instead of ``cond``/``cond_mask``: ``prepare_condition`` of N condition
+                rows with R a multiple of N, row r of x_t having condition row r % N (K samples
+                stacked sample-major). The condition is then embedded once for all calls, and
+                with one shared ``t`` the timestep embedding and the adaLN modulations are
+                computed for the N condition rows only: K samples cost one batched pass.
+
+        Returns:
+            (R, E) network output (eps, x0 or v, as the scheduler is configured).
+        """
+        if prepared is None:
+            if cond is None or cond_mask is None:
+                raise ValueError("TokenDenoiser.forward needs cond and cond_mask, or prepared=")
+            prepared = self.prepare_condition(cond, cond_mask)
+        R, N = x_t.shape[0], prepared.mask_emb.shape[0]
+        if R % N:
+            raise ValueError(f"x_t has {R} rows, not a multiple of the {N} prepared condition rows")
+        if not torch.is_tensor(t) or t.dim() == 0:  # one timestep: c on the N condition rows
+            tt = torch.full((N,), int(t), dtype=torch.long, device=x_t.device)
+            c = self.t_embedder(tt) + prepared.mask_emb  # (N, D)
+        else:
+            mask_emb = prepared.mask_emb.repeat(R // N, 1) if R > N else prepared.mask_emb
+            c = self.t_embedder(t) + mask_emb  # (R, D)
+        return self._run(x_t, prepared, c)  # (R, E)
+
+
+@dataclass
+class PreparedCondition:
+    """The denoiser's condition-only tensors for N rows (``TokenDenoiser.prepare_condition``).
+
+    Attributes:
+        tokens: (N, M', D) embedded condition tokens of the M' <= M slots present in at least
+            one row (a slot absent in every row is left out).
+        key_padding_mask: (N, 2+M') bool, True = ignored (absent condition tokens).
+        mask_emb: (N, D) embedding of the availability mask (added to the timestep embedding).
+    """
+
+    tokens: torch.Tensor
+    key_padding_mask: torch.Tensor
+    mask_emb: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def repeated(self, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, key_padding_mask) stacked ``repeats`` times sample-major, (R, M', D) and
+        (R, 2+M'); made once per count and reused by every step of a sampling call."""
+        if repeats == 1:
+            return self.tokens, self.key_padding_mask
+        if repeats not in self._cache:
+            self._cache[repeats] = (self.tokens.repeat(repeats, 1, 1), self.key_padding_mask.repeat(repeats, 1))
+        return self._cache[repeats]

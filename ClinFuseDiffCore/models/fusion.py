@@ -216,8 +216,11 @@ class DiffusionFusion(nn.Module):
     ) -> torch.Tensor:
         """Draw K samples of the full-modality z given the available tokens.
 
-        The K samples share the condition and are batched as (K*B, ...) in one denoiser call per
-        step. DDIM uses ``num_inference_steps`` (default ``diffusion.num_inference_steps``);
+        The K samples share the condition and are batched as (K*B, ...) in one denoiser pass per
+        step; the condition is embedded once (``TokenDenoiser.prepare_condition``) and the
+        timestep embedding and adaLN modulations are computed for the B condition rows, not for
+        each sample (``TokenDenoiser.forward(..., prepared=)``). The random draws (x_T, then the per-step noise) are
+        made in one fixed order, so a seeded generator gives the same samples. DDIM uses ``num_inference_steps`` (default ``diffusion.num_inference_steps``);
         DDPM, unless told otherwise, every training step.
 
         Args:
@@ -254,11 +257,13 @@ class DiffusionFusion(nn.Module):
         sched = copy.copy(self.scheduler)  # its grid is per call; the module's stays untouched
         sched.set_timesteps(num_inference_steps, sampler=sampler)
 
-        cond = tokens.unsqueeze(0).expand(K, B, M, E).reshape(K * B, M, E)  # (K*B, M, E)
-        mask = available.bool().unsqueeze(0).expand(K, B, M).reshape(K * B, M)  # (K*B, M)
+        mask = available.bool()  # (B, M)
         if w != 1.0:  # classifier-free guidance: conditional and unconditional rows in one call
-            cond = torch.cat([cond, cond], 0)  # (2*K*B, M, E)
-            mask = torch.cat([mask, torch.zeros_like(mask)], 0)  # (2*K*B, M)
+            cond, mask = torch.cat([tokens, tokens], 0), torch.cat([mask, torch.zeros_like(mask)], 0)  # (2B, ...)
+        else:
+            cond = tokens
+        # The condition is embedded once for all steps and all K samples (B or 2B rows).
+        prepared = self.denoiser.prepare_condition(cond, mask)
         stochastic = sampler == "ddpm" or eta > 0
         n_steps = len(sched.timesteps)
         if stochastic and variance_noise is not None and (
@@ -274,12 +279,15 @@ class DiffusionFusion(nn.Module):
         else:
             x = _randn((K * B, E), generator, tokens)  # (K*B, E) x_T
         for i, t in enumerate(sched.timesteps.tolist()):
-            xin = torch.cat([x, x], 0) if w != 1.0 else x
-            tt = torch.full((xin.shape[0],), t, dtype=torch.long, device=x.device)
-            out = self.denoiser(xin, tt, cond, mask)  # (K*B or 2*K*B, E)
+            # One batched denoiser pass for the K samples (rows k*B + b; with guidance rows
+            # k*2B + b conditional and k*2B + B + b unconditional).
+            xk = x.reshape(K, B, E)  # (K, B, E)
+            xin = torch.cat([xk, xk], 1) if w != 1.0 else xk  # (K, B or 2B, E)
+            out = self.denoiser(xin.reshape(-1, E), t, prepared=prepared).reshape(K, -1, E)  # (K, B or 2B, E)
             if w != 1.0:
-                out_c, out_u = out.chunk(2, 0)
-                out = out_u + w * (out_c - out_u)  # (K*B, E)
+                out_c, out_u = out[:, :B], out[:, B:]
+                out = out_u + w * (out_c - out_u)  # (K, B, E)
+            out = out.reshape(K * B, E)  # (K*B, E)
             if not stochastic:
                 vn = None
             elif variance_noise is not None:

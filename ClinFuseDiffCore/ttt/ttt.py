@@ -423,6 +423,14 @@ def collapse_ok(task: str, before: torch.Tensor, after: torch.Tensor, kl_max: fl
     return (move <= kl_max) & torch.isfinite(after).all(0).all(-1)
 
 
+def _eval_module(module: nn.Module, *, private: bool) -> nn.Module:
+    """``module`` itself when ``private`` is False and every submodule is in eval mode; else a
+    deep copy in eval mode without gradients (the caller may attach hooks to it)."""
+    if not private and not any(m.training for m in module.modules()):
+        return module
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
 def _unit_bank(feature_bank: Optional[dict], device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     if not feature_bank or feature_bank.get("tokens") is None or len(feature_bank["tokens"]) == 0:
         return None
@@ -482,11 +490,13 @@ def adapt_and_predict(
         raise ValueError(f"episodes {empty[:10]} have no available modality; every row of "
                          "available (N, M) needs at least one True (drop those rows)")
     task = model.task
-    # Private eval-mode copies: the stored model is neither modified nor switched to eval mode.
-    fusion = copy.deepcopy(model.fusion).eval().requires_grad_(False)
-    decoders = copy.deepcopy(model.decoders).eval().requires_grad_(False)
-    head = copy.deepcopy(model.head).eval().requires_grad_(False)
     steps = int(ttt_cfg.steps) if adapt and ttt_cfg.enabled else 0
+    # Private eval-mode copies: the stored model is neither modified nor switched to eval mode.
+    # Without adaptation nothing is attached or trained, so modules already in eval mode are used
+    # as they are (read-only, under no_grad): copying them cost more than sampling one episode.
+    fusion = _eval_module(model.fusion, private=steps > 0)
+    decoders = _eval_module(model.decoders, private=steps > 0)
+    head = _eval_module(model.head, private=steps > 0)
     sampler = fusion.sampler
     n_inf = num_inference_steps or (fusion.num_inference_steps if sampler == "ddim"
                                     else fusion.scheduler.num_train_timesteps)

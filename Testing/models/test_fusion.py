@@ -238,3 +238,81 @@ def test_explicit_noise_with_wrong_shape_raises():
     with pytest.raises(ValueError, match="variance_noise must have shape"):
         fusion.sample(tokens, avail, sampler="ddpm", noise=torch.randn(2, 3, E),
                       variance_noise=torch.randn(3, 2, 3, E))
+
+
+def perturbed(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Weights moved off their (adaLN-Zero) init so every layer shapes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.mark.parametrize("sampler, eta, guidance", [("ddim", 0.0, 1.0), ("ddim", 0.5, 2.0), ("ddpm", 0.0, 1.0)])
+def test_k_batched_samples_equal_the_samples_drawn_one_at_a_time(sampler, eta, guidance):
+    """The K samples share the condition (embedded once, timestep and adaLN modulation computed
+    for the B condition rows): sample k of one K-sample call equals a K = 1 call from the same
+    x_T and per-step noise."""
+    fusion = perturbed(make("diffusion", guidance_scale=guidance)).eval()
+    tokens, avail = inputs()
+    K, B = 4, tokens.shape[0]
+    n_steps = 5 if sampler == "ddim" else 50
+    g = torch.Generator().manual_seed(7)
+    x_T = torch.randn(K, B, E, generator=g)
+    var = torch.randn(n_steps, K, B, E, generator=g)
+    with torch.no_grad():
+        batched = fusion.sample(tokens, avail, sampler=sampler, eta=eta, noise=x_T, variance_noise=var)
+        looped = torch.cat([fusion.sample(tokens, avail, sampler=sampler, eta=eta, noise=x_T[k:k + 1],
+                                          variance_noise=var[:, k:k + 1]) for k in range(K)])
+    assert batched.shape == (K, B, E)
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])  # the samples are not one sample repeated
+
+
+def test_denoiser_prepared_condition_equals_the_plain_forward():
+    """forward(prepared=) on K x N rows (condition row r % N, one timestep or one per row) equals
+    the plain forward on the repeated condition."""
+    den = perturbed(TokenDenoiser(E, M, depth=2, heads=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    N, K = 3, 4
+    cond = torch.randn(N, M, E, generator=g)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    x = torch.randn(K * N, E, generator=g)
+    prep = den.prepare_condition(cond, mask)
+    with torch.no_grad():
+        plain = den(x, torch.full((K * N,), 17), cond.repeat(K, 1, 1), mask.repeat(K, 1))
+        torch.testing.assert_close(den(x, 17, prepared=prep), plain, rtol=1e-5, atol=1e-5)
+        t = torch.randint(0, 50, (K * N,), generator=g)
+        torch.testing.assert_close(den(x, t, prepared=prep),
+                                   den(x, t, cond.repeat(K, 1, 1), mask.repeat(K, 1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        den(x[:5], 17, prepared=prep)
+
+
+def test_condition_slot_absent_in_every_row_is_left_out_with_the_same_output():
+    den = perturbed(TokenDenoiser(E, M, depth=2, heads=4)).eval()
+    g = torch.Generator().manual_seed(2)
+    cond = torch.randn(4, M, E, generator=g)
+    x, t = torch.randn(4, E, generator=g), torch.tensor([3, 10, 25, 40])
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert den.prepare_condition(cond[:3], mask[:3]).tokens.shape[1] == M - 1  # slot 2: in no row
+    assert den.prepare_condition(cond, mask).tokens.shape[1] == M
+    with torch.no_grad():
+        alone = den(x[:3], t[:3], cond[:3], mask[:3])  # slot 2 left out of the sequence
+        with_row = den(x, t, cond, mask)[:3]  # slot 2 kept (row 3 has it), masked for rows 0-2
+    torch.testing.assert_close(alone, with_row, rtol=1e-5, atol=1e-5)
+
+
+def test_last_block_computes_token_zero_as_the_full_block_does():
+    from ClinFuseDiffCore.models.denoiser import DiTBlock
+
+    block = perturbed(DiTBlock(E, 4)).eval()
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(5, 6, E, generator=g), torch.randn(5, E, generator=g)
+    kpm = torch.tensor([[0, 0, 0, 1, 1, 0]] * 5, dtype=torch.bool)
+    with torch.no_grad():
+        full = block(x, c, kpm)
+        first = block(x, c, kpm, first_only=True)
+    assert first.shape == (5, 1, E)
+    torch.testing.assert_close(first, full[:, :1], rtol=1e-5, atol=1e-5)

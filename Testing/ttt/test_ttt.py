@@ -182,3 +182,27 @@ def test_elementwise_adam_matches_torch_optim_adam():
     for a, b, s in zip(ours, theirs, start):
         assert not torch.allclose(a, s)  # the parameters moved
         assert torch.allclose(a, b.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batched_episodes_equal_one_by_one_without_adaptation(training):
+    """The prediction path of Predictor.predict and of the evaluation (adapt=False): N episodes in
+    one call give each episode's own one-episode prediction; the stored model is used as it is
+    when in eval mode and never switched out of training mode."""
+    cfg, model = tiny_model()
+    model.train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tok, av, _ = episodes(6, seed=3)
+    seeds = torch.arange(200, 206)
+    rb = adapt_and_predict(model, tok, av, seeds, cfg.ttt, num_samples=3, adapt=False)
+    assert rb.outputs.shape[:2] == (3, 6)
+    for i in range(6):
+        ri = adapt_and_predict(model, tok[i:i + 1], av[i:i + 1], seeds[i:i + 1], cfg.ttt,
+                               num_samples=3, adapt=False)
+        torch.testing.assert_close(ri.outputs[:, 0], rb.outputs[:, i], rtol=1e-5, atol=1e-5)
+    assert model.training == training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if training:  # the head's dropout is off in the prediction (an eval-mode copy was used)
+        model.eval()
+        r_eval = adapt_and_predict(model, tok, av, seeds, cfg.ttt, num_samples=3, adapt=False)
+        torch.testing.assert_close(r_eval.outputs, rb.outputs)
