@@ -224,6 +224,15 @@ class TTTConfig:
     contra_temperature: float = 0.1
     collapse_kl_max: float = 1.0  # reject an update whose prediction moved further than this
     min_entropy: float = 0.01  # reject an update that makes the prediction near one-hot from nowhere
+    # Attention checkpoints: MiDl TTT (ttt/midl.py), an objective on the prediction itself. Off
+    # unless asked for (--ttt): measured in the research experiment, it does not beat the model
+    # without it (README, "What TTT does").
+    midl_params: Literal["norm", "norm_qkv"] = "norm_qkv"
+    midl_steps: int = 3
+    midl_lr: float = 0.01
+    midl_views: int = 2
+    midl_anchor: float = 1.0
+    midl_kl_max: Optional[float] = None  # acceptance threshold on KL(stored || adapted); None = none
 
 
 @dataclass

@@ -250,7 +250,8 @@ class Predictor:
             tokens: (B, M, E) cached tokens; available: (B, M) bool (required with tokens).
             patient_ids: names for the token rows (default ``patient_<i>``).
             ttt: adapt per patient (default: ``cfg.ttt.enabled`` for diffusion checkpoints,
-                False otherwise); True on a mean/attention checkpoint is an error.
+                False otherwise). Attention checkpoints adapt by MiDl TTT (``cfg.ttt.midl_*``);
+                True on a mean checkpoint is an error.
             samples: K diffusion samples (default ``cfg.diffusion.num_samples``; 1 for baselines).
             contributions: also compute the leave-one-out contribution of each modality.
             seed: seeds the diffusion and TTT noise (patient b uses seed * 100003 + b).
@@ -290,8 +291,8 @@ class Predictor:
                              "available (B, M) needs at least one True (drop those patients)")
         if ttt is None:
             ttt = self.is_diffusion and self.cfg.ttt.enabled
-        if ttt and not self.is_diffusion:
-            raise ValueError(f"TTT needs a diffusion checkpoint; this one has fusion="
+        if ttt and not (self.is_diffusion or self.model.fusion_type == "attention"):
+            raise ValueError(f"TTT needs a diffusion or attention checkpoint; this one has fusion="
                              f"{self.model.fusion_type!r}. Use ttt=False (--no-ttt)")
         if samples is None:
             samples = self.cfg.diffusion.num_samples if self.is_diffusion else 1
@@ -326,6 +327,20 @@ class Predictor:
             )
             out = res.outputs.float().cpu()  # (K, R, C)
             t_ttt, t_samp = res.timings.get("adapt", 0.0), res.timings.get("sample", 0.0)
+        elif ttt:  # attention: MiDl TTT, episodic per row (ttt/midl.py)
+            from .ttt.midl import MiDlSettings, MiDlTTT
+
+            c = self.cfg.ttt
+            settings = MiDlSettings(steps=c.midl_steps, lr=c.midl_lr, params=c.midl_params, views=c.midl_views,
+                                    anchor=c.midl_anchor,
+                                    kl_max=float("inf") if c.midl_kl_max is None else float(c.midl_kl_max))
+            t0 = time.perf_counter()
+            midl = MiDlTTT(self.model.fusion, self.model.head, settings,
+                           classification=self.task == "classification").adapt_episodes(
+                tok_r.cpu(), av_r.cpu(), keys=torch.tensor(rows_seed) + torch.arange(len(rows_seed)))
+            out = (midl.out.clamp_min(1e-12).log() if self.task == "classification" else midl.out).unsqueeze(0)
+            t_ttt = time.perf_counter() - t0
+            res = None
         else:
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -364,7 +379,12 @@ class Predictor:
                 p.uncertainty = {"std": float(v.std(unbiased=False)), "num_samples": int(o.shape[0])}
                 for r in rows[1:]:
                     p.contributions[dropped[r]] = float(v.mean() - out[:, r, 0].mean())
-            if res is not None and ttt:
+            if ttt and not self.is_diffusion:
+                p.ttt = {"used": True, "method": "midl", "accepted": bool(midl.accepted[full]),
+                         "mi_before": float(midl.mi_before[full]), "mi_after": float(midl.mi_after[full]),
+                         "anchor_kl": float(midl.anchor[full]), "steps": settings.steps,
+                         "params": settings.params}
+            elif res is not None and ttt:
                 p.ttt = {"used": True, "accepted": bool(res.accepted[full]),
                          "loss_before": float(res.loss_before[full]),
                          "loss_after": float(res.loss_after[full]), "steps": res.steps,

@@ -121,7 +121,7 @@ def test_baseline_checkpoint_is_deterministic_and_refuses_ttt(tmp_path):
     q = pr.predict(tokens=tok, available=av, samples=4)[0]
     assert q.uncertainty["num_samples"] == 1 and len(q.probability_samples) == 1
     assert q.probabilities == pytest.approx(p[0].probabilities)
-    with pytest.raises(ValueError, match="TTT needs a diffusion checkpoint"):
+    with pytest.raises(ValueError, match="TTT needs a diffusion or attention checkpoint"):
         pr.predict(tokens=tok, available=av, ttt=True)
     with pytest.raises(ValueError, match=r"patients \['b'\] have no available modality"):
         pr.predict(tokens=tok, available=torch.tensor([[True] * 4, [False] * 4]), patient_ids=["a", "b"])
@@ -129,6 +129,30 @@ def test_baseline_checkpoint_is_deterministic_and_refuses_ttt(tmp_path):
         pr.predict(tokens=tok, available=av, samples=0)
     with pytest.raises(ValueError, match="1 patient_ids for 2 token rows"):
         pr.predict(tokens=tok, available=av, patient_ids=["a"])
+
+
+def test_attention_checkpoint_adapts_by_midl_ttt_and_stays_unchanged(tmp_path):
+    """An attention checkpoint with ttt=True runs MiDl TTT on every patient's available set: the
+    prediction moves (a large step), the record says what the acceptance rule did, a one-modality
+    patient keeps the stored prediction, and the loaded model's weights are bit-identical."""
+    write_checkpoint(tmp_path / "att.pt", fusion="attention")
+    pr = Predictor.from_checkpoint(tmp_path / "att.pt")
+    pr.cfg.ttt.midl_lr, pr.cfg.ttt.midl_steps, pr.cfg.ttt.midl_anchor = 0.5, 5, 0.0
+    before = {k: v.clone() for k, v in pr.model.state_dict().items()}
+    tok = torch.randn(3, 4, 16)
+    av = torch.tensor([[True] * 4, [True, True, False, True], [True, False, False, False]])
+    plain = pr.predict(tokens=tok, available=av, patient_ids=["a", "b", "c"])
+    adapted = pr.predict(tokens=tok, available=av, patient_ids=["a", "b", "c"], ttt=True)
+    assert all(p.ttt["used"] and p.ttt["method"] == "midl" for p in adapted)
+    assert {"accepted", "mi_before", "mi_after", "anchor_kl"} <= set(adapted[0].ttt)
+    assert not adapted[2].ttt["accepted"]
+    assert adapted[2].probabilities == pytest.approx(plain[2].probabilities, abs=1e-6)
+    moved = [abs(a.probabilities[1] - b.probabilities[1]) for a, b in zip(adapted[:2], plain[:2])]
+    acc = [a.ttt["accepted"] for a in adapted[:2]]
+    assert all((m > 1e-6) == ac for m, ac in zip(moved, acc))  # accepted <=> the prediction moved
+    assert all(torch.equal(v, pr.model.state_dict()[k]) for k, v in before.items())
+    again = pr.predict(tokens=tok, available=av, patient_ids=["a", "b", "c"], ttt=True)
+    assert [p.probabilities for p in again] == [p.probabilities for p in adapted]  # episodic: no carry-over
 
 
 def test_survival_prediction_carries_its_k_risk_samples():

@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-column", default=None, metavar="COLUMN",
                    help="patient ID column of the CSVs (default: the checkpoint's data.id_column)")
     p.add_argument("--no-ttt", action="store_true", help="skip test-time training")
+    p.add_argument("--ttt", action="store_true",
+                   help="attention checkpoints: adapt the prediction by MiDl test-time training (off by "
+                        "default: in the research experiment it did not beat the model without it); "
+                        "diffusion checkpoints adapt unless --no-ttt")
     p.add_argument("--ttt-steps", type=int, default=None, metavar="N",
                    help="test-time training steps (default: the checkpoint's ttt.steps)")
     p.add_argument("--samples", type=int, default=None, metavar="K",
@@ -250,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--checkpoint {ckpt_path}: no such file")
     if args.samples is not None and args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.ttt and args.no_ttt:
+        raise ValueError("--ttt and --no-ttt contradict each other; give one")
     if args.ttt_steps is not None and args.ttt_steps < 0:
         raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
     tab_given = parse_tabular_args(getattr(args, "tabular", None), args.clinical)
@@ -359,11 +365,14 @@ def run(args: argparse.Namespace) -> int:
         timings["segmentation"] = time.perf_counter() - t0
 
     progress(30, "preprocessing, encoding, test-time training, sampling")
+    attention = predictor.model.fusion_type == "attention"
     if args.ttt_steps is not None:
         predictor.cfg.ttt.steps = int(args.ttt_steps)
-    use_ttt = (not args.no_ttt) and predictor.is_diffusion and (args.ttt_steps != 0)
-    if not args.no_ttt and not predictor.is_diffusion:
-        print(f"note: test-time training needs a diffusion checkpoint (this one: fusion="
+        predictor.cfg.ttt.midl_steps = int(args.ttt_steps)
+    use_ttt = ((not args.no_ttt) and (args.ttt_steps != 0)
+               and (predictor.is_diffusion or (attention and args.ttt)))
+    if args.ttt and not (predictor.is_diffusion or attention):
+        print(f"note: test-time training needs a diffusion or attention checkpoint (this one: fusion="
               f"{predictor.model.fusion_type}); running without it", flush=True)
     t0 = time.perf_counter()
     pred = predictor.predict([PatientInput(images=volumes, tabular=tabular, patient_id=pid)],
