@@ -90,7 +90,7 @@ def _row(rid: str, value: float | None, note: str = "") -> dict[str, Any]:
 def _sampling_cost(ctx, quick: bool) -> dict[str, Any]:
     """The three rows of ``sampling_cost`` in one stage (details keyed by part)."""
     parts = {"k_samples": bench_k_samples(ctx, patients=2 if quick else 4, repeats=1 if quick else 3),
-             "batched": bench_batched_episodes(ctx, episodes=32, repeats=1 if quick else 3),
+             "batched": bench_batched_episodes(ctx, episodes=32, repeats=1 if quick else 5),
              "tabular": bench_tabular_diffusion_vs_attention(ctx, episodes=840, repeats=1 if quick else 3)}
     out: dict[str, Any] = {"details": {}}
     for name, r in parts.items():
