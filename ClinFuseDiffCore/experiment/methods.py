@@ -79,7 +79,7 @@ def _fit(params, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float, 
 
 
 def _batches(td: TokenData, sweep, seed: int, mode: Optional[str], fixed: Optional[np.ndarray] = None,
-             drop_prob: float = 0.3):
+             drop_prob: float = 0.3, excluded: Optional[np.ndarray] = None):
     """A function step -> (tokens (B, M, E), condition (B, M), full (B, M), labels (B,))."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 23]))
     pool = td.train if fixed is None else td.train[(td.present[td.train] >= fixed).all(1)]
@@ -90,7 +90,8 @@ def _batches(td: TokenData, sweep, seed: int, mode: Optional[str], fixed: Option
         if fixed is not None:
             cond = np.broadcast_to(fixed, pres.shape) & pres
         else:
-            cond = sample_subset_masks(pres, mode, rng, drop_prob=drop_prob)
+            cond = sample_subset_masks(pres, mode, rng, drop_prob=drop_prob,
+                                       excluded=() if excluded is None else list(excluded))
         t = torch.from_numpy(idx)
         return (td.tokens.index_select(0, t), torch.from_numpy(np.ascontiguousarray(cond)),
                 torch.from_numpy(pres.copy()), td.labels.index_select(0, t))
@@ -115,11 +116,13 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def fit_fusion(kind: str, cfg, sweep, td: TokenData, seed: int, mode: str,
-               fixed: Optional[np.ndarray] = None) -> tuple[FusionHead, Scorer, dict]:
-    """Mean/attention fusion + head trained on subsets drawn by ``mode`` (or one ``fixed`` subset)."""
+               fixed: Optional[np.ndarray] = None, excluded: Optional[np.ndarray] = None
+               ) -> tuple[FusionHead, Scorer, dict]:
+    """Mean/attention fusion + head trained on subsets drawn by ``mode`` (or one ``fixed`` subset),
+    never one of the ``excluded`` (U, M) masks."""
     torch.manual_seed(seed)
     net = FusionHead(kind, cfg, 2)
-    get = _batches(td, sweep, seed, mode, fixed, drop_prob=cfg.data.drop_prob)
+    get = _batches(td, sweep, seed, mode, fixed, drop_prob=cfg.data.drop_prob, excluded=excluded)
 
     def loss_fn(step: int) -> torch.Tensor:
         tok, cond, _, y = get(step)
@@ -146,13 +149,15 @@ def teacher_full(teacher: FusionHead, tokens: torch.Tensor, present: torch.Tenso
     return teacher.fusion(tokens, present)
 
 
-def fit_regressor(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> tuple[nn.Module, Scorer, dict]:
-    """The denoiser's network as a deterministic MSE regressor subset -> teacher's z_full."""
+def fit_regressor(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead,
+                  excluded: Optional[np.ndarray] = None) -> tuple[nn.Module, Scorer, dict]:
+    """The denoiser's network as a deterministic MSE regressor subset -> teacher's z_full (the
+    conditions never one of the ``excluded`` masks)."""
     torch.manual_seed(seed)
     d, E, M = cfg.diffusion, int(cfg.model.embed_dim), td.tokens.shape[1]
     net = TokenDenoiser(E, M, d.denoiser_depth, d.denoiser_heads, d.denoiser_mlp_ratio)
     ema = copy.deepcopy(net).requires_grad_(False)
-    get = _batches(td, sweep, seed, cfg.data.subset_sampling)
+    get = _batches(td, sweep, seed, cfg.data.subset_sampling, excluded=excluded)
 
     def forward(model, tok, cond):
         n = tok.shape[0]

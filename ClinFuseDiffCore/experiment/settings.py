@@ -26,6 +26,8 @@ METHODS = (
     "attention_ttt_online",  # the attention teacher + online MiDl TTT per (subset, site) stream
     "regressor_head",   # cross-fitted MSE-regressor imputers + a head fine-tuned on their imputations
     "diffusion_head",   # cross-fitted diffusion imputers + a head fine-tuned on their samples
+    "attention_unseen",  # attention trained without the sweep.unseen combinations (never drawn)
+    "regressor_unseen",  # the regressor control trained without them, on attention_unseen's teacher
 )
 
 
@@ -57,6 +59,10 @@ class SweepConfig:
     ema_decay: float = 0.999
     samples: int = 4  # K diffusion samples per evaluation row
     dedicated_random: int = 8  # dedicated models: singletons + full set + this many random subsets
+    # Combinations the *_unseen methods never draw in training (stage 1 is shared and saw them):
+    # by default every subset without MRI that has CT or PET (imaging from CT/PET only, +- clinical).
+    unseen: list[list[str]] = field(default_factory=lambda: [
+        ["ct"], ["pet"], ["ct", "pet"], ["ct", "clinical"], ["pet", "clinical"], ["ct", "pet", "clinical"]])
     n_boot: int = 1000
     threads: int = 2  # torch threads (of each job)
     # Parallel jobs for the method units: after stage 1, `jobs` worker processes (one torch thread
@@ -82,6 +88,8 @@ def load_research_config(path: str = "research", overrides: Optional[list[str]] 
         raise ConfigError(f"sweep.reference {sweep.reference!r} must be one of sweep.methods {sweep.methods}")
     needs_teacher = {"regressor", "diffusion", "oracle_full", "attention_ttt", "attention_ttt_online",
                      "regressor_head", "diffusion_head"} & set(sweep.methods)
+    if "regressor_unseen" in sweep.methods and "attention_unseen" not in sweep.methods:
+        raise ConfigError("sweep.methods 'regressor_unseen' needs 'attention_unseen' (its teacher) in sweep.methods")
     if needs_teacher and "attention" not in sweep.methods:
         raise ConfigError(f"sweep.methods {sorted(needs_teacher)} need 'attention' (their teacher) in sweep.methods")
     if min(sweep.n_train, sweep.n_val, sweep.n_test) < 2:

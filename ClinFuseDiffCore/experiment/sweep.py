@@ -52,13 +52,21 @@ log = logging.getLogger(__name__)
 COST = {"stage1": 40.0, "attention": 1.0, "mean": 0.6, "attention_size": 1.0, "attention_indep": 1.0,
         "regressor": 3.0, "diffusion": 6.0, "diffusion_main": 8.0, "dedicated": 8.0, "oracle_full": 0.3,
         "oracle_hidden": 0.5, "attention_nested": 2.5, "attention_ttt": 5.0, "attention_ttt_online": 4.0,
-        "regressor_head": 7.0, "diffusion_head": 25.0}
+        "regressor_head": 7.0, "diffusion_head": 25.0, "attention_unseen": 1.0, "regressor_unseen": 3.0}
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def unseen_subset_masks(unseen: list[list[str]], modalities: list[str]) -> np.ndarray:
+    """(U, M) bool masks of the combinations the *_unseen methods never train on."""
+    bad = sorted({m for c in unseen for m in c} - set(modalities))
+    if bad:
+        raise ValueError(f"sweep.unseen names {bad}, not among the modalities {modalities}")
+    return np.array([[m in c for m in modalities] for c in unseen], dtype=bool).reshape(-1, len(modalities))
 
 
 def dedicated_subsets(subsets: list[tuple[str, ...]], n_random: int, seed: int) -> list[int]:
@@ -108,8 +116,12 @@ def _check_settings(out: Path, cfg, sweep) -> None:
     f = out / "settings.json"
     if f.exists():
         old = json.loads(f.read_text(encoding="utf-8"))
+        defaults = {"sweep": asdict(type(sweep)())}
         diff = [f"{sec}.{k}" for sec in now for k in set(now[sec]) | set(old.get(sec, {}))
-                if json.dumps(now[sec].get(k), sort_keys=True) != json.dumps(old.get(sec, {}).get(k), sort_keys=True)]
+                if json.dumps(now[sec].get(k), sort_keys=True) != json.dumps(old.get(sec, {}).get(k), sort_keys=True)
+                # a setting added since that run, at its default, changes nothing that run did
+                and not (k not in old.get(sec, {}) and sec in defaults
+                         and json.dumps(now[sec].get(k), sort_keys=True) == json.dumps(defaults[sec].get(k), sort_keys=True))]
         # Adding seeds or methods extends a sweep; anything else would mix results.
         fatal = [k for k in diff if k not in ("sweep.seeds", "sweep.methods", "sweep.n_boot", "sweep.threads",
                                               "sweep.workers", "sweep.jobs")]
@@ -179,6 +191,8 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
     ded = dedicated_subsets(subsets, sweep.dedicated_random, sweep.cohort_seed)
     val_idx, test_idx = data.parts["val"], data.parts["test"]
     methods = list(sweep.methods)
+    unseen_masks = (unseen_subset_masks(sweep.unseen, data.modalities)
+                    if any(m.endswith("_unseen") for m in sweep.methods) else None)
     # A dedicated model sees one fixed subset: an easier problem, trained for half the steps.
     ded_sweep = dataclasses.replace(sweep, steps=max(1, sweep.steps // 2))
 
@@ -246,9 +260,9 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
         meta: dict[str, Any] = {}
         keep_samples = False
 
-        def teacher() -> FusionHead:
+        def teacher(name: str = "attention") -> FusionHead:
             net = FusionHead("attention", cfg, 2)
-            net.load_state_dict(load_tensors(out / f"s1_{s1}" / "attention" / f"seed{r}.pt"))
+            net.load_state_dict(load_tensors(out / f"s1_{s1}" / name / f"seed{r}.pt"))
             return net.eval()
 
         if kind in ("attention", "mean", "attention_size", "attention_indep"):
@@ -256,6 +270,14 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
             net, scorer, meta = fit_fusion("mean" if kind == "mean" else "attention", cfg, sweep, td, seed, mode)
             if kind == "attention":
                 save_tensors(out / f"s1_{s1}" / "attention" / f"seed{r}.pt", net.state_dict())
+        elif kind == "attention_unseen":
+            net, scorer, meta = fit_fusion("attention", cfg, sweep, td, seed, cfg.data.subset_sampling,
+                                           excluded=unseen_masks)
+            save_tensors(out / f"s1_{s1}" / kind / f"seed{r}.pt", net.state_dict())
+        elif kind == "regressor_unseen":
+            t = teacher("attention_unseen")
+            _, scorer, meta = fit_regressor(cfg, sweep, td, seed, t, excluded=unseen_masks)
+            meta["diagnostics"] = imputation_diagnostics(scorer.impute, t, td.tokens, data.present, val_idx, masks, seed)
         elif kind == "attention_nested":
             net, scorer, meta = fit_nested(cfg, sweep, td, seed)
             save_tensors(out / f"s1_{s1}" / kind / f"seed{r}.pt", net.state_dict())

@@ -45,7 +45,7 @@ def collect_scores(out: Path, sweep, part: str) -> tuple[dict[str, np.ndarray], 
 
 def write_verdict(out: Path, cfg, sweep, data: ArrayCohort, subsets: list[tuple[str, ...]], ded: list[int], *,
                   wall_seconds: float, data_seconds: float,
-                  progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                  progress: Optional[Callable[[str], None]] = None, title: Optional[str] = None) -> dict[str, Any]:
     from ..evaluation.stats import hierarchical_bootstrap, summary_table_markdown
 
     y_test = data.labels[data.parts["test"]]
@@ -54,6 +54,9 @@ def write_verdict(out: Path, cfg, sweep, data: ArrayCohort, subsets: list[tuple[
     val, _ = collect_scores(out, sweep, "val")
     image_only = [i for i, s in enumerate(subsets) if all(m in data.image_modalities for m in s)]
     groups = {"image_only": image_only}
+    if any(m.endswith("_unseen") for m in sweep.methods) and getattr(sweep, "unseen", None):
+        unseen = {frozenset(c) for c in sweep.unseen}
+        groups["unseen"] = [i for i, s in enumerate(subsets) if frozenset(s) in unseen]
     main_methods = {m: v for m, v in test.items() if m != "dedicated"}
     if progress:
         progress(f"bootstrap: {len(main_methods)} methods x {len(subsets)} subsets x {len(y_test)} patients "
@@ -117,14 +120,19 @@ def write_verdict(out: Path, cfg, sweep, data: ArrayCohort, subsets: list[tuple[
         "diagnostics": diagnostics,
     }
     atomic_write_json(out / "results.json", result)
-    md = [f"# Research experiment — {len(y_test)} test patients, {len(sweep.seeds)} training seeds x "
+    md = [f"# {title}" if title else
+          f"# Research experiment — {len(y_test)} test patients, {len(sweep.seeds)} training seeds x "
           f"{len(sweep.stage1_seeds)} stage-1 seed(s), {len(subsets)} subsets",
           "",
           f"Wall time {wall_seconds / 60:.1f} min (data {data_seconds / 60:.1f} min). 95% intervals: "
           f"hierarchical bootstrap over training seeds x test patients ({sweep.n_boot} resamples); "
           f"differences are paired against `{sweep.reference}` (same patients in every resample).",
           "", "## All subsets", "",
-          summary_table_markdown(main, summaries=SUMMARIES), ""]
+          summary_table_markdown(main, summaries=SUMMARIES + (("unseen",) if "unseen" in groups else ())), ""]
+    if "unseen" in groups:
+        md += [f"`unseen`: mean AUROC over the {len(groups['unseen'])} combinations the *_unseen methods never "
+               f"trained on ({', '.join('+'.join(subsets[i]) for i in groups['unseen'])}); every other method "
+               "trained on them.", ""]
     if ded_table is not None:
         md += ["## On the subsets with a dedicated model "
                f"({len(ded)}: the singletons, the full set and {len(ded) - len(data.modalities) - 1} drawn at random)", "",

@@ -200,3 +200,57 @@ def test_crossfit_head_never_trains_on_a_patients_own_imputations():
     p, ps = scorer(tokens[40:], torch.ones(20, M, dtype=torch.bool), torch.Generator().manual_seed(0))
     assert p.shape == (20,) and ps.shape == (2, 20)  # one sample per fold imputer
     assert meta["imputations"] == 40 * 2
+
+
+@pytest.mark.slow
+def test_external_shifted_cohort_scores_kept_models_and_tunes_ttt_on_its_validation_site(cohort, tmp_path):
+    """`experiment --external`: the finished sweep's attention models (plain, nested, + MiDl TTT
+    episodic and online) are scored on a strongly shifted cohort; its first site is the
+    validation site, the others the test; a method whose weights the sweep did not keep is named
+    and left out."""
+    from ClinFuseDiffCore.data.synth import generate_cohort
+
+    shifted = tmp_path / "shifted"
+    generate_cohort(shifted, 30, shape=(32, 32, 24), seed=9, site_shift="strong", progress=False)
+    sweep_dir = tmp_path / "sweep"
+    run = subprocess.run(_cmd(sweep_dir, cohort, ["sweep.methods=[attention]", "sweep.seeds=[0]"]), env=_env(),
+                         capture_output=True, encoding="utf-8", errors="replace", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ext = subprocess.run(_cmd(sweep_dir, cohort, ["sweep.methods=[attention]", "sweep.seeds=[0]"])
+                         + ["--external", str(shifted), "--external-out", str(tmp_path / "ext")],
+                         env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=900)
+    assert ext.returncode == 0, ext.stderr[-3000:]
+    assert "attention_nested" in ext.stderr and "left out" in ext.stderr  # no nested weights in this sweep
+    info = json.loads((tmp_path / "ext" / "external.json").read_text())
+    assert info["validation_site"] == ["site_0"] and info["n_val"] + info["n_test"] == 30
+    res = json.loads((tmp_path / "ext" / "results.json").read_text())
+    assert set(res["verdict"]["methods"]) == {"attention", "attention_ttt", "attention_ttt_online"}
+    assert res["n_patients"]["test"] == info["n_test"]
+    for m in ("attention_ttt", "attention_ttt_online"):
+        d = res["diagnostics"][m]
+        assert d["chosen_per_seed"][0]["params"] in ("norm", "norm_qkv")
+        assert 0 <= d["test_accept_rate_per_seed"][0] <= 1
+    # Nothing was trained on the external cohort: the sweep's files are untouched.
+    assert not (sweep_dir / "s1_0" / "attention_ttt").exists()
+
+
+def test_unseen_combinations_are_never_drawn_in_training():
+    from ClinFuseDiffCore.experiment.methods import TokenData, _batches
+    from ClinFuseDiffCore.experiment.settings import load_research_config
+    from ClinFuseDiffCore.experiment.sweep import unseen_subset_masks
+
+    cfg, sweep = load_research_config("research", ["sweep.batch_size=512"])
+    mods = cfg.data.modalities
+    ex = unseen_subset_masks(sweep.unseen, mods)
+    assert ex.shape == (6, len(mods)) and not ex[:, [mods.index(m) for m in mods if m.startswith("mri")]].any()
+    P = 300
+    td = TokenData(torch.zeros(P, len(mods), 4), np.ones((P, len(mods)), bool), torch.zeros(P, dtype=torch.long),
+                   np.arange(P))
+    get = _batches(td, sweep, 0, "uniform_subsets", excluded=ex)
+    drawn = np.concatenate([get(s)[1].numpy() for s in range(20)])  # 10,240 draws
+    hit = (drawn[:, None, :] == ex[None]).all(-1).any(1)
+    assert not hit.any()
+    plain = np.concatenate([_batches(td, sweep, 0, "uniform_subsets")(s)[1].numpy() for s in range(20)])
+    assert (plain[:, None, :] == ex[None]).all(-1).any(1).sum() > 100  # ~6/127 of draws otherwise
+    with pytest.raises(ValueError, match="sweep.unseen names"):
+        unseen_subset_masks([["ct", "spect"]], mods)
