@@ -25,6 +25,6 @@ def record(case: str, outcome: str, detail: str) -> None:
         return
     detail = _TMP.sub("<tmp>", " ".join(str(detail).split()))
     row = {"case": case, "outcome": outcome, "detail": detail,
-           "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}
+           "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -41,7 +41,22 @@ from ClinFuseDiffCore.cli import main  # noqa: E402
 from ClinFuseDiffCore.config import save_config  # noqa: E402
 from ClinFuseDiffCore.training.checkpoint import load_checkpoint  # noqa: E402
 
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def permissions_enforced(folder: Path) -> bool:
+    """Whether this process is refused a write into a read-only folder (root with
+    CAP_DAC_OVERRIDE is not: then the test simulates what a read-only file system answers)."""
+    probe = folder / "probe_ro"
+    probe.mkdir()
+    probe.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        (probe / "x").write_bytes(b"")
+        return False
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(stat.S_IRWXU)
+        shutil.rmtree(probe)
 
 # Runs the CLI and SIGKILLs itself at the N-th os.replace whose destination is named NAME
 # ("*.npz": ends with .npz): the temporary file is complete, the rename has not happened.
@@ -80,6 +95,13 @@ def leftovers(folder: Path) -> list[Path]:
 def tree_digest(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def shown(line: str, start: str) -> str:
+    """The message from ``start`` on, cache keys shortened, for the table."""
+    import re
+
+    return re.sub(r"[0-9a-f]{64}", "<key>", line[line.index(start):])
 
 
 def one_line_error(capsys) -> str:
@@ -148,26 +170,27 @@ def test_cache_write_error_stops_preprocess(images, tmp_path, monkeypatch, capsy
     c = PreprocessCache(out)
     assert len(c.entries()) == 3 and all(c.load(p.stem) is not None for p in c.entries())
     record(f"{errno.errorcode[code]} on the 4th cache write: preprocess", "clean error",
-           f"exit 1: {line[line.index('cannot'):][:160]}...; the 3 entries written stay valid, none half-written")
+           f"exit 1: {shown(line, 'cannot')}; the 3 entries written stay valid, none half-written")
 
 
 def test_read_only_cache_folder_stops_preprocess(images, tmp_path, monkeypatch, capsys):
     root, cfg = images
     out = tmp_path / "cache"
     out.mkdir()
-    if IS_ROOT:  # root ignores permission bits: simulate what a read-only file system answers
-        fail_cache_writes_after(monkeypatch, 0, errno.EROFS)
-    else:
+    real = permissions_enforced(tmp_path)
+    if real:
         out.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    else:  # root ignores permission bits: simulate what a read-only file system answers
+        fail_cache_writes_after(monkeypatch, 0, errno.EROFS)
     try:
         rc = main(["preprocess", "--config", str(cfg), "--data", str(root), "--out", str(out), "--no-progress"])
     finally:
         out.chmod(stat.S_IRWXU)
     line = one_line_error(capsys)
     assert rc == 1 and "cannot write the cache entry" in line and str(out) in line
-    assert ("read-only" if IS_ROOT else "permission") in line
-    record("read-only cache folder" + (" (EROFS simulated: tests run as root)" if IS_ROOT else " (chmod 555)")
-           + ": preprocess", "clean error", f"exit 1: {line[line.index('cannot'):][:160]}...")
+    assert ("permission" if real else "read-only") in line
+    record("read-only cache folder" + (" (chmod 555)" if real else " (EROFS simulated: root ignores chmod)")
+           + ": preprocess", "clean error", f"exit 1: {shown(line, 'cannot')}")
 
 
 def test_disk_full_while_caching_stops_train(images, tmp_path, monkeypatch, capsys):
@@ -179,7 +202,7 @@ def test_disk_full_while_caching_stops_train(images, tmp_path, monkeypatch, caps
     assert rc == 1 and "No space left" in line and str(out / "cache") in line
     assert not (out / "best.pt").exists() and not (out / "train_summary.json").exists()
     record("ENOSPC on the 4th cache write: train", "clean error",
-           f"exit 1 before any epoch (no patient silently left out): {line[line.index('cannot'):][:140]}...")
+           f"exit 1 before any epoch (no patient silently left out): {shown(line, 'cannot')}")
 
 
 def test_disk_full_while_writing_a_checkpoint_stops_train(images, tmp_path, monkeypatch, capsys):
@@ -198,7 +221,7 @@ def test_disk_full_while_writing_a_checkpoint_stops_train(images, tmp_path, monk
     assert rc == 1 and str(out / "best.pt") in line and "disk is probably full" in line
     assert not (out / "best.pt").exists() and not leftovers(out)
     record("disk full while writing a checkpoint (torch's RuntimeError): train", "clean error",
-           f"exit 1: {line[line.index('cannot'):][:150]}...; no half checkpoint")
+           f"exit 1: {shown(line, 'cannot')}; no half checkpoint")
 
 
 @pytest.fixture
@@ -222,7 +245,8 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(d)], capture_output=True)
 
 
-@pytest.mark.parametrize("size,where", [("100k", "cache entry"), ("600k", "checkpoint")])
+@pytest.mark.parametrize("size,where", [("100k", "cache entry"), ("600k", "checkpoint")],
+                         ids=["cache", "checkpoint"])
 def test_real_full_disk_stops_train(images, small_disk, capsys, size, where):
     root, cfg = images
     out = small_disk(size) / "run"
@@ -231,8 +255,8 @@ def test_real_full_disk_stops_train(images, small_disk, capsys, size, where):
     assert rc == 1 and f"cannot write the {where}" in line and str(out) in line
     assert "full" in line and not leftovers(out)
     assert not (out / "train_summary.json").exists()
-    record(f"real full disk (tmpfs {size}) at the first {where}: train", "clean error",
-           f"exit 1: {line[line.index('cannot'):][:150]}...; no temp file left")
+    record(f"real full disk (tmpfs {size}) while writing a {where}: train", "clean error",
+           f"exit 1: {shown(line, 'cannot')}; no temp file left")
 
 
 def test_bad_patient_is_skipped_and_counted(images, tmp_path, capsys):
@@ -251,7 +275,7 @@ def test_bad_patient_is_skipped_and_counted(images, tmp_path, capsys):
     split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert "pt003" not in split["train"] + split["val"] + split["test"]
     record("a corrupt image file in one patient: train", "correct result",
-           f"exit 0, trained on the other 7; last line: '{printed[-1][:120]}'; train_summary.json skipped.count = 1")
+           f"exit 0, trained on the other 7; last line: '{printed[-1]}'; train_summary.json skipped.count = 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +298,7 @@ def test_resume_refuses_overrides_that_change_the_run(interrupted, capsys):
     assert rc == 1 and "model.fusion" in line2 and len(line2) < 2000
     assert tree_digest(run / "mean") == before  # nothing written: config.yaml, split, checkpoints
     record("train --resume with experiment.seed/training.lr/data.val_fraction overrides", "clean error",
-           f"exit 1 naming each key with both values ({line[line.index('--resume'):][:150]}...); run folder unchanged")
+           f"exit 1 naming each key with both values ({shown(line, '--resume')}); run folder unchanged")
 
 
 def test_resume_restores_split_and_config(interrupted, tmp_path, capsys):
@@ -329,7 +353,7 @@ def test_evaluate_refuses_interrupted_run(interrupted, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert sorted(res["skipped_methods"]) == ["attention", "diffusion"] and len(res["unfinished"]) == 1
     record("evaluate on a run interrupted after epoch 1 of 3 (attention, diffusion never trained)",
-           "clean error", f"exit 1: {line[line.index('checkpoint'):][:150]}...; with --allow-unfinished: "
+           "clean error", f"exit 1: {shown(line, 'checkpoint')}; with --allow-unfinished: "
            "exit 0, each skipped method named with why (also in results.json)")
 
 
@@ -345,7 +369,7 @@ def test_infer_refuses_unfinished_checkpoint(interrupted, tmp_path, capsys):
     assert main(argv + ["--allow-unfinished"]) == 0
     assert "warning" in capsys.readouterr().out and (out / "prediction.json").is_file()
     record("infer with an unfinished checkpoint", "clean error",
-           f"exit 1 before any output: {line[line.index('checkpoint'):][:140]}...; --allow-unfinished runs with a warning")
+           f"exit 1 before any output: {shown(line, 'checkpoint')}; --allow-unfinished runs with a warning")
 
 
 # --------------------------------------------------------------------------------------------
