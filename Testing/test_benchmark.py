@@ -68,6 +68,12 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert "2" in {str(k) for k in s["ddim"]}
     assert len(s["ddim_seed_auroc"]) == 3 and s["ddim_seed_range"] >= 0
     assert res["details"]["batched_ttt"]["episodes"] == 32
+    # Sampling cost without TTT: K=8 vs 1, 32 episodes, and the tabular model's counted FLOPs
+    # (diffusion runs K x S denoiser passes per episode, so it must count more than attention).
+    sc = res["details"]["sampling_cost"]
+    assert sc["k_samples"]["K"] == 8 and sc["batched"]["episodes"] == 32
+    assert sc["tabular"]["episodes"] == 840 and sc["tabular"]["flop_ratio"] > 1
+    assert sc["tabular"]["flops"]["attention"] > 0
     assert res["load_average_start"] is None or len(res["load_average_start"]) == 3
     # The printed table is the file's table, one line per row.
     table = (out / "benchmark.txt").read_text(encoding="utf-8")
