@@ -154,6 +154,8 @@ class Volume:
                 if path.name.lower().endswith((".nii", ".nii.gz")):
                     _check_nifti_data(path)  # ITK zero-fills truncated data and NaN voxels
                 image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        except NiftiHeaderError:
+            raise  # names the file and the field already
         except (RuntimeError, ValueError) as e:
             msg = str(e).strip().splitlines()
             raise ValueError(
@@ -264,6 +266,10 @@ def raw_nifti_header(path: str | Path, img):
         return type(img.header).from_fileobj(f, check=False)
 
 
+class NiftiHeaderError(ValueError):
+    """A NIfTI header field no image can have (the message names the file and the field)."""
+
+
 def check_nifti_spacing(header, source: str = "<nifti>") -> None:
     """Refuse a NIfTI header whose voxel spacing is zero, negative or not finite.
 
@@ -273,11 +279,11 @@ def check_nifti_spacing(header, source: str = "<nifti>") -> None:
     positive finite length (its own voxel size).
 
     Raises:
-        ValueError: naming ``source``, the header field and its values.
+        NiftiHeaderError (a ValueError): naming ``source``, the header field and its values.
     """
     pix = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     if not (np.all(np.isfinite(pix)) and np.all(pix > 0)):
-        raise ValueError(
+        raise NiftiHeaderError(
             f"{source}: the NIfTI header's voxel spacing pixdim[1..3] = {pix.tolist()} mm is not "
             "allowed (each must be a positive finite number; 0 would be read as 1 mm); fix the "
             "header or re-export the image with its true spacing")
@@ -285,7 +291,7 @@ def check_nifti_spacing(header, source: str = "<nifti>") -> None:
         srow = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)  # (3, 4)
         sizes = np.sqrt((srow[:, :3] ** 2).sum(axis=0))  # voxel size along i, j, k
         if not (np.all(np.isfinite(srow)) and np.all(sizes > 0)):
-            raise ValueError(
+            raise NiftiHeaderError(
                 f"{source}: the NIfTI sform (code {int(header['sform_code'])}) gives voxel sizes "
                 f"{np.round(sizes, 4).tolist()} mm and offsets {srow[:, 3].tolist()}; each size must "
                 "be a positive finite number — fix the header or re-export the image")

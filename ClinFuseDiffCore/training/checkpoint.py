@@ -156,7 +156,8 @@ def _check_container(path: Path) -> None:
                     while member.read(1 << 22):
                         pass
     except Exception as e:  # noqa: BLE001 - zipfile raises many types on damaged archives
-        where = f"zip record {record!r}" if record else "zip directory"
+        # torch names the records <archive>/data/0 ...; the archive part is the temp file's name
+        where = f"zip record {record.split('/', 1)[-1]!r}" if record else "zip directory"
         raise CheckpointError(
             f"checkpoint {path} could not be read: it is corrupt or truncated ({where}: "
             f"{type(e).__name__}: {e}); it was damaged after it was written (disk, copy or "
@@ -216,35 +217,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 # ------------------------------------------------------------------------------------ matching
-def describe_mismatch(ckpt: Mapping[str, Any], cfg_dict: Mapping[str, Any]) -> list[str]:
-    """What differs between a checkpoint and a config in what shapes the model: the modality list,
-    ``model.*`` and the tabular blocks' dims; e.g. ``["modalities ['mri_t1'] vs ['ct']",
-    "model.fusion 'mean' vs 'attention'"]``. Empty when they agree."""
-    out: list[str] = []
-    want_mods = list(cfg_dict.get("data", {}).get("modalities", []))
-    if list(ckpt.get("modalities", [])) != want_mods:
-        out.append(f"modalities {list(ckpt.get('modalities', []))} vs {want_mods}")
-    old = (ckpt.get("config") or {}).get("model", {}) or {}
-    new = cfg_dict.get("model", {}) or {}
-    for k in sorted(set(old) | set(new)):
-        if k in ("dropout",):  # does not change the parameters
-            continue
-        if old.get(k) != new.get(k):
-            out.append(f"model.{k} {old.get(k)!r} vs {new.get(k)!r}")
-    return out
-
-
-def load_model_state(model: torch.nn.Module, state: Mapping[str, Any], path: str | Path,
-                     ckpt: Optional[Mapping[str, Any]] = None,
-                     cfg_dict: Optional[Mapping[str, Any]] = None) -> None:
+def load_model_state(model: torch.nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
     """``model.load_state_dict(state)`` (strict) with a one-line error instead of torch's dump.
 
     Args:
         model: the model built from the current config.
         state: the checkpoint's ``model`` state dict.
         path: the checkpoint file, named in the error.
-        ckpt, cfg_dict: the checkpoint and the current ``Config.to_dict()``; when given, the error
-            names the settings that differ (``describe_mismatch``).
 
     Raises:
         CheckpointError: missing/unexpected keys or tensor shapes that differ.
@@ -255,16 +234,11 @@ def load_model_state(model: torch.nn.Module, state: Mapping[str, Any], path: str
     shapes = [k for k in own if k in state and torch.is_tensor(state[k])
               and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        diff = describe_mismatch(ckpt, cfg_dict) if ckpt is not None and cfg_dict is not None else []
         first = (missing + unexpected + shapes)[0]
-        counts = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} differently "
-                  f"shaped tensors (first: {first!r})")
-        if diff:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(diff)} "
-                                  f"(checkpoint vs this run; {counts}); use a checkpoint written with "
-                                  "the same modalities and model settings, or the checkpoint's own config")
-        raise CheckpointError(f"checkpoint {path} does not fit the model its config describes: "
-                              f"{counts}; was it written by another version of ClinFuseDiff, or edited?")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model its config describes: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shapes)} differently shaped tensors (first: "
+            f"{first!r}); was it written by another version of ClinFuseDiff, or edited?")
     model.load_state_dict(state)
 
 
