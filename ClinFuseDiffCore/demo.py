@@ -97,7 +97,7 @@ def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: st
     ``report.png`` into ``out_dir``).
 
     Args:
-        checkpoint: a diffusion ``best.pt``.
+        checkpoint: a ``best.pt`` (attention: MiDl TTT; diffusion: its own TTT).
         cohort_root: the cohort folder (generic layout + ``clinical_data.csv``).
         patient_id: the patient.
         drop: the modality to leave out (None: use everything the patient has).
@@ -123,7 +123,7 @@ def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: st
     if rec is None:
         raise FileNotFoundError(f"patient {pid!r} not found under {cohort_root}")
     argv = ["infer", "--checkpoint", str(checkpoint), "--out", str(out_dir), "--id", pid,
-            "--seed", str(seed), "--device", "cpu"]
+            "--seed", str(seed), "--device", "cpu", "--ttt"]
     for m, path in rec.images.items():
         if m != drop:
             argv += ["--modality", f"{m}={path}"]
@@ -264,13 +264,15 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
     res.results = results
     res.outputs.update({f"eval_{k}": Path(v) for k, v in paths.items()})
 
-    say("[5/5] inference with TTT on one held-out test patient with a modality removed")
+    say(f"[5/5] inference ({cfg.model.fusion}, with its TTT) on one held-out test patient with a modality removed")
     t0, c0 = time.perf_counter(), time.process_time()
     image_mods = list(prepared.image_modalities)
     rec = _pick_patient(root, list(prepared.split["test"]), list(cfg.data.modalities), image_mods)
     have = [m for m in cfg.data.modalities if m in rec.images or m in prepared.tabular_modalities]
     drop = next((m for m in DROP_PREFERENCE if m in have and len(have) > 1), None)
-    inf = infer_patient(trained["diffusion"].best_path, root, rec.patient_id, drop, out / "inference",
+    # The default fusion's model (attention since the research experiment; diffusion if so configured).
+    chosen = cfg.model.fusion if cfg.model.fusion in trained else "diffusion"
+    inf = infer_patient(trained[chosen].best_path, root, rec.patient_id, drop, out / "inference",
                         seed=cfg.experiment.seed)
     res.seconds["infer"] = time.perf_counter() - t0
     res.cpu_seconds["infer"] = time.process_time() - c0
@@ -287,7 +289,7 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
         (f"cohort {root}: {results['n_patients']} test patients, {len(results['subsets'])} subsets, "
         f"seeds {results['seeds']} (95% t-intervals over evaluation seeds)"), "",
         summary_table(results, res.val_metric, cfg.training.monitor), "",
-        (f"inference: patient {inf['patient_id']} without {drop}: {pred_line}; "
+        (f"inference ({chosen}): patient {inf['patient_id']} without {drop}: {pred_line}; "
         f"TTT {inf['record']['ttt']}"),
         "", resolution_note(prepared.datasets["test"]),
         "", "wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()),
@@ -302,7 +304,7 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
         "seconds": res.seconds, "cpu_seconds": res.cpu_seconds, "val_metric": res.val_metric,
         "torch_threads": torch.get_num_threads(), "deterministic": cfg.experiment.deterministic,
         "summary": results["summary"], "inference": {"patient_id": inf["patient_id"], "dropped": drop,
-                                                      "prediction": p},
+                                                      "fusion": chosen, "prediction": p},
         "outputs": {k: str(v) for k, v in res.outputs.items()},
     })
     res.outputs["summary"] = Path(summary_path)

@@ -38,6 +38,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     probs = list(pred["prediction"]["probabilities"].values())
     assert np.isclose(sum(probs), 1.0, atol=1e-4)
     assert pred["ttt"]["used"] is True
+    # The default fusion is attention (the research experiment's winner); its TTT is MiDl.
+    assert summary["inference"]["fusion"] == "attention" and pred["ttt"]["method"] == "midl"
     from ClinFuseDiffCore.outputs import read_segmentation
 
     seg, labels, _ = read_segmentation(out / "inference" / pred["segmentation"]["file"])
