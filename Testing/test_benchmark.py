@@ -68,6 +68,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert "2" in {str(k) for k in s["ddim"]}
     assert len(s["ddim_seed_auroc"]) == 3 and s["ddim_seed_range"] >= 0
     assert res["details"]["batched_ttt"]["episodes"] == 32
+    assert res["details"]["midl_ttt"]["patients"] >= 1 and res["details"]["midl_ttt"]["checkpoint"].endswith("best.pt")
     # Sampling cost without TTT: K=8 vs 1, 32 episodes, and the tabular model's counted FLOPs
     # (diffusion runs K x S denoiser passes per episode, so it must count more than attention).
     sc = res["details"]["sampling_cost"]

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .tools import amp_context
 
@@ -26,6 +26,7 @@ class BenchContext:
     quick: bool
     trained_here: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    attention_checkpoint: Optional[Path] = None  # an attention model on the same encoders (MiDl TTT row)
 
 
 def quick_overrides() -> list[str]:
@@ -101,15 +102,16 @@ def setup(config: str, overrides: Sequence[str], out_dir: Path, *, run_dir: Path
         seconds["prepare_cohort"] = time.perf_counter() - t0
     else:
         ov = [*(quick_overrides() if quick else []), *short_training_overrides(quick), *overrides,
-              "training.stage=two_stage", "training.fusions=[diffusion]"]
+              "training.stage=two_stage", "training.fusions=[diffusion, attention]"]
         cfg = load_config(config, ov)
         train_dir = out_dir / "train"
         say(f"training a short diffusion model ({cfg.training.encoder_epochs} encoder epochs, "
             f"{cfg.training.epochs} fusion epochs) in {train_dir}")
         t0 = time.perf_counter()
-        res = train_fusions(cfg, train_dir, ["diffusion"], show_progress=False)
+        res = train_fusions(cfg, train_dir, ["diffusion", "attention"], show_progress=False)
         seconds["train_checkpoint"] = time.perf_counter() - t0
         ckpt_path = res["diffusion"].best_path
+        attention_path = Path(res["attention"].best_path)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, root=cfg.data.root or str(train_dir / "cohort"),
             cache_dir=cfg.data.cache_dir or str(train_dir / "cache"),
@@ -123,6 +125,10 @@ def setup(config: str, overrides: Sequence[str], out_dir: Path, *, run_dir: Path
     say(f"checkpoint {ckpt_path}; {len(test['patient_id'])} test patients encoded")
     # The model's own config (from the checkpoint) plus where this run finds its data.
     cfg = dataclasses.replace(pr.cfg, data=cfg.data)
-    return BenchContext(cfg, dev, pr, cohort, Path(ckpt_path), test, quick, trained_here, seconds)
+    if not trained_here:  # a run folder's attention model beside its diffusion model, if there is one
+        cand = Path(ckpt_path).parent.parent / "attention" / "best.pt"
+        attention_path = cand if cand.is_file() else None
+    return BenchContext(cfg, dev, pr, cohort, Path(ckpt_path), test, quick, trained_here, seconds,
+                        attention_checkpoint=attention_path)
 
 

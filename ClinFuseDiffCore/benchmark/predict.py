@@ -173,3 +173,49 @@ def bench_batched_ttt(ctx: BenchContext, *, episodes: int = 32, repeats: int = 2
         "adapt_only_ratio": info["adapt_sequential"] / max(info["adapt_batched"], 1e-12)}}
 
 
+
+
+def bench_midl_ttt(ctx: BenchContext, *, patients: int, repeats: int) -> dict[str, Any]:
+    """Attention + MiDl TTT: per-patient ``predict`` with TTT / without, encoders included (the
+    default ``infer`` path, leave-one-out contributions on), variants interleaved.
+
+    Returns:
+        {"midl_ttt_overhead": ratio, "details": {...}} or {"error": ...} without an attention model.
+    """
+    import torch
+
+    from ..inference import Predictor
+
+    if ctx.attention_checkpoint is None:
+        return {"error": "no attention/best.pt beside the diffusion checkpoint (train --all-fusions writes one)"}
+    pr = Predictor.from_checkpoint(ctx.attention_checkpoint, device=str(ctx.device))
+    dev = ctx.device
+    n = min(patients, len(ctx.cohort.datasets["test"]))
+    per: dict[str, list[float]] = {"no_ttt": [], "ttt": [], "no_ttt_no_contrib": [], "ttt_no_contrib": []}
+    accepted: list[bool] = []
+    for i in range(n):
+        batch = _one_patient_batch(ctx, i)
+
+        def make(ttt: bool, contributions: bool = True):
+            def fn():
+                with torch.no_grad():
+                    tok = pr.encode(batch)
+                p = pr.predict(tokens=tok, available=batch["available"], ttt=ttt, contributions=contributions)[0]
+                if ttt:
+                    accepted.append(bool(p.ttt.get("accepted")))
+            return fn
+
+        fns = {"no_ttt": make(False), "ttt": make(True), "no_ttt_no_contrib": make(False, False),
+               "ttt_no_contrib": make(True, False)}
+        for fn in fns.values():  # warm-up
+            fn()
+        for k, ts in interleaved(fns, repeats, dev).items():
+            per[k] += ts
+    med = {k: median(v) for k, v in per.items()}
+    c = pr.cfg.ttt
+    return {"midl_ttt_overhead": med["ttt"] / med["no_ttt"], "details": {
+        "patients": n, "repeats": repeats, "seconds_per_patient": med,
+        "midl": {"steps": c.midl_steps, "views": c.midl_views, "params": c.midl_params},
+        "overhead_without_contributions": med["ttt_no_contrib"] / med["no_ttt_no_contrib"],
+        "accept_rate": (sum(accepted) / len(accepted)) if accepted else math.nan,
+        "checkpoint": str(ctx.attention_checkpoint)}}

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import setup
-from .predict import bench_batched_ttt, bench_predict, bench_predict_full_path
+from .predict import bench_batched_ttt, bench_midl_ttt, bench_predict, bench_predict_full_path
 from .preprocess import bench_preprocess
 from .sampling import bench_sampling
 from .sampling_cost import bench_batched_episodes, bench_k_samples, bench_tabular_diffusion_vs_attention
@@ -53,6 +53,8 @@ from .training_speed import bench_encoder_roofline, bench_training
 # id -> (label, unit, target text, comparison, threshold)
 TARGETS: dict[str, tuple[str, str, str, str, float | None]] = {
     "ttt_overhead": ("TTT overhead: predict with TTT / without (per patient, encoders incl.)", "x", "<= 1.25", "le", 1.25),
+    "midl_ttt_overhead": ("TTT overhead, attention + MiDl (the default fusion): with / without (per patient, encoders incl.)",
+                          "x", "<= 1.25", "le", 1.25),
     "uncertainty_cost": ("Uncertainty: K=8 samples / K=1 (per patient, encoders incl.)", "x", "<= 1.2", "le", 1.2),
     "ddim_vs_ddpm": ("Sampling: DDPM all steps / DDIM few steps (time)", "x", ">= 40", "ge", 40.0),
     "ddim_vs_ddpm_auroc": ("Sampling: |AUROC(DDIM) - AUROC(DDPM)| (test set, mean over conditions)", "", "<= 0.005", "le", 0.005),
@@ -166,6 +168,8 @@ def run_benchmark(
 
     stage("predict", lambda: bench_predict(ctx, patients=2 if quick else 4, repeats=1 if quick else 3),
           ["ttt_overhead", "uncertainty_cost"])
+    stage("midl_ttt", lambda: bench_midl_ttt(ctx, patients=2 if quick else 4, repeats=1 if quick else 3),
+          ["midl_ttt_overhead"])
     stage("full_path", lambda: {"details": bench_predict_full_path(
         ctx, patients=1 if quick else 3, repeats=1 if quick else 2)}, [])
     T = int(ctx.cfg.diffusion.num_train_timesteps)
