@@ -219,3 +219,62 @@ def bench_midl_ttt(ctx: BenchContext, *, patients: int, repeats: int) -> dict[st
         "overhead_without_contributions": med["ttt_no_contrib"] / med["no_ttt_no_contrib"],
         "accept_rate": (sum(accepted) / len(accepted)) if accepted else math.nan,
         "checkpoint": str(ctx.attention_checkpoint)}}
+
+
+def bench_midl_ttt_at_scale(config: str = "default", *, repeats: int = 2, shape: int | None = None) -> dict[str, Any]:
+    """The MiDl TTT overhead at a config's own scale (default.yaml: 128^3, ResNet-50 encoders,
+    E = 256), image modalities only: one patient with every modality, leave-one-out contributions
+    (M + 1 episodes), ``encode + predict_from_tokens`` vs ``encode + MiDl TTT``, interleaved.
+    The weights are freshly initialised (time does not depend on training), so no checkpoint is
+    needed.
+
+    Returns:
+        {"midl_ttt_overhead_at_scale": ratio, "details": {...}}.
+    """
+    import torch
+
+    from ..config import load_config
+    from ..models import build_model
+    from ..ttt.midl import MiDlSettings, MiDlTTT
+
+    cfg = load_config(config)
+    image_mods = [m for m in cfg.data.modalities if not m.startswith("clinical")]
+    cfg.data.modalities = image_mods
+    cfg.model.fusion = "attention"
+    if shape:
+        cfg.preprocessing.target_shape = [int(shape)] * 3
+    torch.manual_seed(0)
+    model = build_model(cfg, {}).eval()
+    D, H, W = (int(s) for s in cfg.preprocessing.target_shape)
+    M = len(image_mods)
+    batch = {"images": torch.randn(1, M, 1, D, H, W), "tabular": {}, "available": torch.ones(1, M, dtype=torch.bool)}
+    rows = torch.ones(M + 1, M, dtype=torch.bool)
+    for j in range(M):
+        rows[j + 1, j] = False
+    c = cfg.ttt
+    ttt = MiDlTTT(model.fusion, model.head, MiDlSettings(steps=c.midl_steps, lr=c.midl_lr, params=c.midl_params,
+                                                         views=c.midl_views, anchor=c.midl_anchor))
+
+    def plain():
+        with torch.no_grad():
+            tok = model.encode(batch).expand(M + 1, -1, -1)
+            model.predict_from_tokens(tok, rows)
+
+    def adapted():
+        with torch.no_grad():
+            tok = model.encode(batch).expand(M + 1, -1, -1)
+        ttt.adapt_episodes(tok, rows, seed=0)
+
+    def ttt_only():
+        ttt.adapt_episodes(tok0, rows, seed=0)
+
+    with torch.no_grad():
+        tok0 = model.encode(batch).expand(M + 1, -1, -1).contiguous()
+    fns = {"no_ttt": plain, "ttt": adapted, "ttt_only": ttt_only}
+    for fn in fns.values():
+        fn()
+    t = {k: median(v) for k, v in interleaved(fns, repeats, torch.device("cpu")).items()}
+    return {"midl_ttt_overhead_at_scale": t["ttt"] / t["no_ttt"], "details": {
+        "config": config, "shape": [D, H, W], "modalities": image_mods, "embed_dim": int(cfg.model.embed_dim),
+        "encoder": cfg.model.image_encoder, "episodes": M + 1, "seconds": t, "threads": torch.get_num_threads(),
+        "midl": {"steps": c.midl_steps, "views": c.midl_views, "params": c.midl_params}}}

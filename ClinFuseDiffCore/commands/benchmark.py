@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["predict", "midl_ttt", "full_path", "sampling", "batched_ttt", "sampling_cost", "preprocess",
+                   choices=["predict", "midl_ttt", "midl_ttt_at_scale", "full_path", "sampling", "batched_ttt", "sampling_cost", "preprocess",
                             "training", "roofline"],
                    help="measurement groups to leave out")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (for the short training)")
