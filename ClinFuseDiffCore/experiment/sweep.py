@@ -111,17 +111,26 @@ class Progress:
             print(f"    {text}", file=sys.stderr, flush=True)
 
 
+def _without_new_defaults(now: Any, old: Any, default: Any) -> Any:
+    """``now`` without the keys ``old`` lacks whose value equals ``default``'s: settings added to
+    the code since that run, left at their default, change nothing that run did."""
+    if not (isinstance(now, dict) and isinstance(old, dict)):
+        return now
+    default = default if isinstance(default, dict) else {}
+    return {k: (_without_new_defaults(v, old[k], default.get(k)) if k in old else v) for k, v in now.items()
+            if k in old or json.dumps(v, sort_keys=True) != json.dumps(default.get(k), sort_keys=True)}
+
+
 def _check_settings(out: Path, cfg, sweep) -> None:
+    from ..config import Config
+
     now = {"config": cfg.to_dict(), "sweep": asdict(sweep)}
     f = out / "settings.json"
     if f.exists():
         old = json.loads(f.read_text(encoding="utf-8"))
-        defaults = {"sweep": asdict(type(sweep)())}
-        diff = [f"{sec}.{k}" for sec in now for k in set(now[sec]) | set(old.get(sec, {}))
-                if json.dumps(now[sec].get(k), sort_keys=True) != json.dumps(old.get(sec, {}).get(k), sort_keys=True)
-                # a setting added since that run, at its default, changes nothing that run did
-                and not (k not in old.get(sec, {}) and sec in defaults
-                         and json.dumps(now[sec].get(k), sort_keys=True) == json.dumps(defaults[sec].get(k), sort_keys=True))]
+        cmp = _without_new_defaults(now, old, {"config": Config().to_dict(), "sweep": asdict(type(sweep)())})
+        diff = [f"{sec}.{k}" for sec in cmp for k in set(cmp[sec]) | set(old.get(sec, {}))
+                if json.dumps(cmp[sec].get(k), sort_keys=True) != json.dumps(old.get(sec, {}).get(k), sort_keys=True)]
         # Adding seeds or methods extends a sweep; anything else would mix results.
         fatal = [k for k in diff if k not in ("sweep.seeds", "sweep.methods", "sweep.n_boot", "sweep.threads",
                                               "sweep.workers", "sweep.jobs")]

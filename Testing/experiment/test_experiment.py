@@ -254,3 +254,24 @@ def test_unseen_combinations_are_never_drawn_in_training():
     assert (plain[:, None, :] == ex[None]).all(-1).any(1).sum() > 100  # ~6/127 of draws otherwise
     with pytest.raises(ValueError, match="sweep.unseen names"):
         unseen_subset_masks([["ct", "spect"]], mods)
+
+
+def test_settings_added_since_a_run_at_their_default_are_not_a_change(tmp_path):
+    """A sweep folder written before a setting existed (config or sweep section) is continued when
+    the new setting is at its default, and refused, naming it, when it is not."""
+    from ClinFuseDiffCore.experiment.settings import load_research_config
+    from ClinFuseDiffCore.experiment.sweep import _check_settings
+
+    cfg, sweep = load_research_config("research")
+    _check_settings(tmp_path, cfg, sweep)
+    old = json.loads((tmp_path / "settings.json").read_text())
+    del old["config"]["ttt"]["midl_lr"], old["sweep"]["unseen"]  # as written by an older version
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    _check_settings(tmp_path, cfg, sweep)  # same settings + new keys at their defaults: accepted
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    cfg2, _ = load_research_config("research", ["ttt.midl_lr=0.5"])
+    with pytest.raises(ValueError, match="config.ttt"):
+        _check_settings(tmp_path, cfg2, sweep)
+    _, sweep2 = load_research_config("research", ["sweep.steps=7"])
+    with pytest.raises(ValueError, match="sweep.steps"):
+        _check_settings(tmp_path, cfg, sweep2)
