@@ -134,19 +134,23 @@ def bench_predict_full_path(ctx: BenchContext, *, patients: int, repeats: int) -
 # --------------------------------------------------------------------------------------------
 # 4: batched TTT
 # --------------------------------------------------------------------------------------------
+def cycled_episodes(ctx: BenchContext, episodes: int):
+    """``episodes`` test episodes (tokens (n, M, E), available (n, M) on the device, seeds (n,)):
+    the test patients repeated cyclically, each row with its own seed."""
+    import torch
+
+    idx = torch.arange(episodes) % ctx.test["tokens"].shape[0]
+    return (ctx.test["tokens"][idx].to(ctx.device), ctx.test["available"][idx].to(ctx.device),
+            torch.arange(episodes, dtype=torch.long))
+
+
 def bench_batched_ttt(ctx: BenchContext, *, episodes: int = 32, repeats: int = 2) -> dict[str, Any]:
     """Row 4: ``adapt_and_predict`` on ``episodes`` episodes at once vs one call per episode
     (test patients repeated cyclically with their own seeds when there are fewer)."""
-    import torch
-
     from ..ttt import adapt_and_predict
 
     pr, dev = ctx.predictor, ctx.device
-    N0 = ctx.test["tokens"].shape[0]
-    idx = torch.arange(episodes) % N0
-    tok = ctx.test["tokens"][idx].to(dev)  # (n, M, E)
-    av = ctx.test["available"][idx].to(dev)  # (n, M)
-    seeds = torch.arange(episodes, dtype=torch.long)
+    tok, av, seeds = cycled_episodes(ctx, episodes)
     K = int(ctx.cfg.diffusion.num_samples)
     kw = {"num_samples": K, "feature_bank": pr.feature_bank, "adapt": True}
     info: dict[str, Any] = {}

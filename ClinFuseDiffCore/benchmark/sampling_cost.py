@@ -25,6 +25,7 @@ import copy
 from typing import Any
 
 from .context import BenchContext
+from .predict import cycled_episodes
 from .tools import amp_context, interleaved, median, sync
 
 TABULAR_BLOCKS = ("clinical", "labs", "genomics", "immuno")
@@ -89,11 +90,7 @@ def bench_batched_episodes(ctx: BenchContext, *, episodes: int = 32, repeats: in
     from ..ttt import adapt_and_predict
 
     pr, dev = ctx.predictor, ctx.device
-    N0 = ctx.test["tokens"].shape[0]
-    idx = torch.arange(episodes) % N0
-    tok = ctx.test["tokens"][idx].to(dev)  # (n, M, E)
-    av = ctx.test["available"][idx].to(dev)  # (n, M)
-    seeds = torch.arange(episodes, dtype=torch.long)
+    tok, av, seeds = cycled_episodes(ctx, episodes)
     K = int(ctx.cfg.diffusion.num_samples)
     kw = {"num_samples": K, "adapt": False}
 
