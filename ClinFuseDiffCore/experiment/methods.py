@@ -128,6 +128,12 @@ def fit_fusion(kind: str, cfg, sweep, td: TokenData, seed: int, mode: str,
         tok, cond, _, y = get(step)
         return F.cross_entropy(net(tok, cond), y)
 
+    return _train_fusion_head(net, loss_fn, sweep)
+
+
+def _train_fusion_head(net: FusionHead, loss_fn: Callable[[int], torch.Tensor], sweep
+                       ) -> tuple[FusionHead, Scorer, dict]:
+    """Train ``net`` by ``loss_fn`` for ``sweep.steps``; return it (eval mode) with its scorer."""
     net.train()
     losses = _fit(list(net.parameters()), loss_fn, sweep.steps, sweep.lr, sweep.weight_decay)
     net.eval()
@@ -359,14 +365,7 @@ def fit_nested(cfg, sweep, td: TokenData, seed: int, w_rank: float = 1.0, w_kd: 
         kd = F.kl_div(F.log_softmax(ls, -1), F.softmax(lfull.detach(), -1), reduction="batchmean")
         return ce_s.mean() + ce_sup.mean() + w_rank * rank + w_kd * kd
 
-    net.train()
-    losses = _fit(list(net.parameters()), loss_fn, sweep.steps, sweep.lr, sweep.weight_decay)
-    net.eval()
-
-    @torch.no_grad()
-    def scorer(tok, av, gen):
-        return _probs(net(tok, av)), None
-    return net, scorer, {"final_loss": float(np.mean(losses[-50:]))}
+    return _train_fusion_head(net, loss_fn, sweep)
 
 
 def crossfit_folds(train: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
@@ -459,23 +458,18 @@ def run_ttt(ttt, tokens: torch.Tensor, present: np.ndarray, idx: np.ndarray, mas
     ``ttt.s.batch``, adapted as they arrive and reset between streams."""
     pat, av = _rows(present, idx, masks)
     S, P = len(masks), len(idx)
-    out: dict[str, list] = {k: [] for k in ("p", "stored", "adapted", "accepted", "anchor")}
     if mode == "episodic":
-        for c, s in enumerate(range(0, S * P, chunk)):
-            e = min(S * P, s + chunk)
-            r = ttt.adapt_episodes(tokens.index_select(0, torch.from_numpy(pat[s:e])),
-                                   torch.from_numpy(av[s:e]), seed=int(seed) * 100003 + c)
-            for k, v in (("p", r.out[:, 1]), ("stored", r.stored[:, 1]), ("adapted", r.adapted[:, 1]),
-                         ("accepted", r.accepted), ("anchor", r.anchor)):
-                out[k].append(v.detach().numpy())
+        parts = [ttt.adapt_episodes(tokens.index_select(0, torch.from_numpy(pat[s:s + chunk])),
+                                    torch.from_numpy(av[s:s + chunk]), seed=int(seed) * 100003 + c)
+                 for c, s in enumerate(range(0, S * P, chunk))]
     else:
         site = np.array(sites)[pat]
         stream = [f"{i // P}:{site[i]}" for i in range(S * P)]  # one stream per (subset, site)
-        r = ttt.adapt_stream(tokens.index_select(0, torch.from_numpy(pat)), torch.from_numpy(av), stream, seed=seed)
-        for k, v in (("p", r.out[:, 1]), ("stored", r.stored[:, 1]), ("adapted", r.adapted[:, 1]),
-                     ("accepted", r.accepted), ("anchor", r.anchor)):
-            out[k].append(v.detach().numpy())
-    return {k: np.concatenate(v).reshape(S, P) for k, v in out.items()}
+        parts = [ttt.adapt_stream(tokens.index_select(0, torch.from_numpy(pat)), torch.from_numpy(av), stream,
+                                  seed=seed)]
+    fields = {"p": lambda r: r.out[:, 1], "stored": lambda r: r.stored[:, 1], "adapted": lambda r: r.adapted[:, 1],
+              "accepted": lambda r: r.accepted, "anchor": lambda r: r.anchor}
+    return {k: np.concatenate([f(r).detach().numpy() for r in parts]).reshape(S, P) for k, f in fields.items()}
 
 
 def tune_ttt(teacher: FusionHead, tokens: torch.Tensor, present: np.ndarray, val_idx: np.ndarray,
