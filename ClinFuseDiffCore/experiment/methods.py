@@ -224,6 +224,171 @@ def fit_diffusion(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> 
     return fusion, scorer, {"final_loss": float(np.mean(losses[-50:]))}
 
 
+def _flow_time(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Training times of rectified flow: logit-normal (SD3's default; more draws mid-path)."""
+    return torch.sigmoid(torch.randn(n, generator=generator))
+
+
+def fit_flow(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> tuple[nn.Module, Scorer, dict]:
+    """Conditional flow matching (rectified flow) to the frozen teacher's z_full.
+
+    The same network, target, condition and readout as ``fit_diffusion``; only the generative
+    objective differs: x_t = (1 - t) x_noise + t z_full on straight paths, the network predicts the
+    velocity z_full - x_noise at time t (embedded as 1000 t), loss MSE, no head gradient, EMA of
+    the weights. Sampling integrates the ODE from noise with ``sweep.flow_steps`` Euler steps
+    (few-step, deterministic given the starting noise); K samples share one batched pass per step.
+    """
+    torch.manual_seed(seed)
+    d, E, M = cfg.diffusion, int(cfg.model.embed_dim), td.tokens.shape[1]
+    net = TokenDenoiser(E, M, d.denoiser_depth, d.denoiser_heads, d.denoiser_mlp_ratio)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    get = _batches(td, sweep, seed, cfg.data.subset_sampling)
+    gen = torch.Generator().manual_seed(int(seed) + 3000)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        tok, cond, pres, _ = get(step)
+        z1 = teacher_full(teacher, tok, pres)
+        x0 = torch.randn(z1.shape, generator=gen)
+        t = _flow_time(z1.shape[0], gen)
+        xt = (1 - t[:, None]) * x0 + t[:, None] * z1
+        return F.mse_loss(net(xt, t * 1000.0, tok, cond), z1 - x0)
+
+    on_step = _ema_updater(ema, net, sweep.ema_decay)
+    net.train()
+    losses = _fit(list(net.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr, sweep.weight_decay, on_step)
+    ema.eval()
+    n_steps = max(1, int(sweep.flow_steps))
+
+    @torch.no_grad()
+    def impute(tok, av, g):
+        N, K = tok.shape[0], max(1, int(sweep.samples))
+        prep = ema.prepare_condition(tok, av)
+        x = torch.randn((K * N, E), generator=g)
+        for i in range(n_steps):
+            t = torch.full((K * N,), i / n_steps)
+            x = x + ema(x, t * 1000.0, prepared=prep) / n_steps
+        return _sphere(x.reshape(K, N, E))  # (K, N, E)
+
+    @torch.no_grad()
+    def scorer(tok, av, g):
+        p = _probs(teacher.head(impute(tok, av, g)))  # (K, N)
+        return p.mean(0), p
+    scorer.impute = impute  # type: ignore[attr-defined]
+    return ema, scorer, {"final_loss": float(np.mean(losses[-50:])), "flow_steps": n_steps}
+
+
+class TokenImputer(nn.Module):
+    """Per-modality token imputation (IMDer / MUST style): a transformer over the M modality slots.
+
+    A slot the condition has carries its (standardised) stage-1 token; a slot it lacks carries
+    ``x`` (the flow's current state, or zeros for the deterministic regressor) and a learned
+    "missing" flag. Every slot gets a learned modality embedding, and with ``t`` the time
+    embedding is added to the missing slots. Output (N, M, E): the prediction for every slot (the
+    velocity for flow, the token itself for the regressor); only missing slots are read.
+    """
+
+    def __init__(self, dim: int, num_modalities: int, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.tok_embed = nn.Linear(dim, dim)
+        self.x_embed = nn.Linear(dim, dim)
+        self.slot = nn.Parameter(torch.randn(1, num_modalities, dim) * 0.02)
+        self.missing = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        from ..models.denoiser import TimestepEmbedder
+
+        self.t_embedder = TimestepEmbedder(dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, t: Optional[torch.Tensor], tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        c = cond.bool().unsqueeze(-1)  # (N, M, 1)
+        miss = self.x_embed(x) + self.missing
+        if t is not None:
+            miss = miss + self.t_embedder(t).unsqueeze(1)
+        h = torch.where(c, self.tok_embed(tokens), miss) + self.slot  # (N, M, E)
+        return self.out(self.norm(self.blocks(h)))  # (N, M, E)
+
+
+def fit_token_imputer(kind: str, cfg, sweep, td: TokenData, seed: int, teacher: FusionHead
+                      ) -> tuple[nn.Module, Scorer, dict]:
+    """Impute the missing modalities' tokens so that the frozen teacher sees a complete set.
+
+    ``kind`` = "flow" (conditional flow matching per token, K samples by ``sweep.flow_steps``
+    Euler steps from noise, like IMDer's generative recovery) or "regressor" (the same network by
+    MSE with x = 0: the deterministic control). Tokens are standardised per dimension with the
+    training patients' statistics; the loss is over the slots the condition lacks and the patient
+    has (their real tokens are the target). Readout: the available tokens as they are, every other
+    modality imputed, the teacher's fusion of all M tokens and its head; K samples -> posterior
+    mean of p.
+    """
+    torch.manual_seed(seed)
+    d, E, M = cfg.diffusion, int(cfg.model.embed_dim), td.tokens.shape[1]
+    net = TokenImputer(E, M, d.denoiser_depth, d.denoiser_heads, d.denoiser_mlp_ratio)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    tr = torch.from_numpy(td.train)
+    ref = td.tokens.index_select(0, tr)  # (P, M, E)
+    pres_tr = torch.from_numpy(td.present[td.train]).unsqueeze(-1).float()
+    mu = (ref * pres_tr).sum(0) / pres_tr.sum(0).clamp_min(1)  # (M, E)
+    sd = (((ref - mu) ** 2) * pres_tr).sum(0).div(pres_tr.sum(0).clamp_min(1)).sqrt().clamp_min(1e-4)  # (M, E)
+    get = _batches(td, sweep, seed, cfg.data.subset_sampling)
+    gen = torch.Generator().manual_seed(int(seed) + 4000)
+    flow = kind == "flow"
+
+    def loss_fn(step: int) -> torch.Tensor:
+        tok, cond, pres, _ = get(step)
+        z = (tok - mu) / sd
+        w = (pres & ~cond).unsqueeze(-1).float()  # (B, M, 1): slots to impute that have a target
+        if flow:
+            x0 = torch.randn(z.shape, generator=gen)
+            t = _flow_time(z.shape[0], gen)
+            xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * z
+            pred, target = net(xt, t * 1000.0, z, cond), z - x0
+        else:
+            pred, target = net(torch.zeros_like(z), None, z, cond), z
+        return (((pred - target) ** 2) * w).sum() / (w.sum().clamp_min(1) * E)
+
+    on_step = _ema_updater(ema, net, sweep.ema_decay)
+    net.train()
+    losses = _fit(list(net.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr, sweep.weight_decay, on_step)
+    ema.eval()
+    n_steps = max(1, int(sweep.flow_steps))
+
+    @torch.no_grad()
+    def complete(tok, av, g):
+        """(K, N, M, E) token sets: available tokens kept, the rest imputed."""
+        N = tok.shape[0]
+        K = max(1, int(sweep.samples)) if flow else 1
+        z = ((tok - mu) / sd).repeat(K, 1, 1)
+        c = av.bool().repeat(K, 1)
+        if flow:
+            x = torch.randn(z.shape, generator=g)
+            for i in range(n_steps):
+                t = torch.full((K * N,), i / n_steps)
+                x = x + ema(x, t * 1000.0, z, c) / n_steps
+        else:
+            x = ema(torch.zeros_like(z), None, z, c)
+        full = torch.where(c.unsqueeze(-1), z, x) * sd + mu
+        return full.reshape(K, N, M, E)
+
+    @torch.no_grad()
+    def impute(tok, av, g):
+        """The teacher's fusion of the completed token sets (K, N, E), as the other imputers."""
+        full = complete(tok, av, g)
+        K, N = full.shape[:2]
+        ones = torch.ones(K * N, M, dtype=torch.bool)
+        return teacher.fusion(full.reshape(K * N, M, E), ones).reshape(K, N, E)
+
+    @torch.no_grad()
+    def scorer(tok, av, g):
+        p = _probs(teacher.head(impute(tok, av, g)))  # (K, N)
+        return p.mean(0), (p if flow else None)
+    scorer.impute = impute  # type: ignore[attr-defined]
+    scorer.complete = complete  # type: ignore[attr-defined]
+    return ema, scorer, {"final_loss": float(np.mean(losses[-50:])), "flow_steps": n_steps if flow else 0}
+
+
 def fit_diffusion_main(cfg, sweep, td: TokenData, seed: int, tabular_dims) -> tuple[nn.Module, Scorer, dict]:
     """Main's coupled diffusion fusion (``compute_losses``: head + diffusion + recon + contra),
     trained on the frozen tokens with uniform subsets and the same fixed schedule."""
@@ -323,6 +488,34 @@ def imputation_diagnostics(impute, teacher: FusionHead, tokens: torch.Tensor, pr
         cos[k - 1] = float(np.mean(cs))
         pair[k - 1] = float(np.mean(ps)) if ps else 1.0
     return {"cosine_to_full_by_size": cos.round(4).tolist(), "sample_pair_cosine_by_size": pair.round(4).tolist()}
+
+
+@torch.no_grad()
+def token_diagnostics(complete, tokens: torch.Tensor, present: np.ndarray, idx: np.ndarray, masks: np.ndarray,
+                      seed: int) -> dict[str, list[float]]:
+    """Per-modality token imputers: cosine of each imputed token to the patient's real token (over
+    the slots the subset lacks), by subset size; 1 = the missing tokens are recovered. For scale,
+    ``token_cosine_of_mean_token``: the same cosine for the modality's mean token over these
+    patients (what an imputer that ignores the condition would reach)."""
+    sizes = masks.sum(1)
+    M = masks.shape[1]
+    cos = np.full(M, np.nan)
+    P = len(idx)
+    tok = tokens.index_select(0, torch.from_numpy(idx))
+    pres = torch.from_numpy(present[idx])
+    mean_tok = tok.mean(0, keepdim=True).expand_as(tok)
+    base = F.cosine_similarity(mean_tok, tok, dim=-1)[pres].mean().item()
+    for k in range(1, M):
+        cs = []
+        for s in np.flatnonzero(sizes == k)[:16]:
+            av = np.broadcast_to(masks[s], (P, M)) & present[idx]
+            full = complete(tok, torch.from_numpy(av), torch.Generator().manual_seed(int(seed) + int(s)))  # (K, P, M, E)
+            sel = torch.from_numpy(~av & present[idx])  # (P, M) imputed slots with a real token
+            c = F.cosine_similarity(full, tok.unsqueeze(0), dim=-1)  # (K, P, M)
+            cs.append(c[:, sel].mean().item())
+        if cs:
+            cos[k - 1] = float(np.mean(cs))
+    return {"token_cosine_by_size": cos.round(4).tolist(), "token_cosine_of_mean_token": round(base, 4)}
 
 
 # --------------------------------------------------------------------------------------------

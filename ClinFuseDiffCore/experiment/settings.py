@@ -28,6 +28,9 @@ METHODS = (
     "diffusion_head",   # cross-fitted diffusion imputers + a head fine-tuned on their samples
     "attention_unseen",  # attention trained without the sweep.unseen combinations (never drawn)
     "regressor_unseen",  # the regressor control trained without them, on attention_unseen's teacher
+    "flow",             # conditional flow matching (rectified flow) to the teacher's z_full, few Euler steps
+    "tokens_flow",      # per-modality token imputation by flow matching (IMDer-style), teacher on the full set
+    "tokens_regressor",  # the same token imputer trained by MSE (deterministic control)
 )
 
 
@@ -58,6 +61,7 @@ class SweepConfig:
     weight_decay: float = 1.0e-4
     ema_decay: float = 0.999
     samples: int = 4  # K diffusion samples per evaluation row
+    flow_steps: int = 5  # Euler steps of the flow-matching imputers (the diffusion's DDIM uses 5 in research.yaml)
     dedicated_random: int = 8  # dedicated models: singletons + full set + this many random subsets
     # Combinations the *_unseen methods never draw in training (stage 1 is shared and saw them):
     # by default every subset without MRI that has CT or PET (imaging from CT/PET only, +- clinical).
@@ -87,7 +91,8 @@ def load_research_config(path: str = "research", overrides: Optional[list[str]] 
     if sweep.reference not in sweep.methods:
         raise ConfigError(f"sweep.reference {sweep.reference!r} must be one of sweep.methods {sweep.methods}")
     needs_teacher = {"regressor", "diffusion", "oracle_full", "attention_ttt", "attention_ttt_online",
-                     "regressor_head", "diffusion_head"} & set(sweep.methods)
+                     "regressor_head", "diffusion_head", "flow", "tokens_flow",
+                     "tokens_regressor"} & set(sweep.methods)
     if "regressor_unseen" in sweep.methods and "attention_unseen" not in sweep.methods:
         raise ConfigError("sweep.methods 'regressor_unseen' needs 'attention_unseen' (its teacher) in sweep.methods")
     if needs_teacher and "attention" not in sweep.methods:
