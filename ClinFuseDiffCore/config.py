@@ -97,7 +97,7 @@ class DataConfig:
     # The embedded synthetic cohort (used when root is None).
     synth_patients: int = 120
     synth_shape: list[int] = field(default_factory=lambda: [96, 96, 64])
-    synth_site_shift: Literal["none", "mild", "strong"] = "mild"
+    synth_site_shift: Literal["none", "mild", "strong", "severe"] = "mild"
     synth_missing_rate: float = 0.1
     synth_seed: int = 0
 

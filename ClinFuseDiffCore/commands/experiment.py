@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--external", metavar="COHORT",
                    help="instead of the sweep: score the finished sweep's attention-based models (and MiDl "
                         "TTT) on this external cohort, e.g. one made with 'clinfusediff synth --site-shift "
-                        "strong'; its first site tunes TTT, the other sites test. Writes into --external-out")
+                        "strong' or 'severe'; its first site tunes TTT, the other sites test. "
+                        "Writes into --external-out")
     p.add_argument("--external-out", metavar="DIR",
                    help="folder for --external (default: <out>/external_<cohort folder name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")

@@ -24,8 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="voxel grid of an isotropic scan (default 96 96 64); thick-slice scans "
                         "get fewer slices")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument("--site-shift", choices=["none", "mild", "strong"], default="none",
-                   help="scanner differences between sites (default none)")
+    p.add_argument("--site-shift", choices=["none", "mild", "strong", "severe"], default="none",
+                   help="scanner differences between sites (default none): mild/strong vary "
+                        "gain, contrast, noise and resolution a little (normalisation absorbs "
+                        "most of it); severe adds low SNR, strong blur, thick slices, bias, gamma, "
+                        "coarse PET, noisy CT and a lab-calibration shift (docs/COHORT.md)")
     p.add_argument("--missing-rate", type=float, default=0.0,
                    help="probability that each image modality is absent (default 0; >= 1 kept)")
     p.add_argument("--workers", type=int, default=1,

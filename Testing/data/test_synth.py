@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -334,3 +335,145 @@ def test_outcome_depends_on_modality_specific_features():
     # survival is shorter for the high-grade label
     t = np.array([p.survival_months for p in ps])
     assert np.median(t[y == 1]) < np.median(t[y == 0])
+
+
+# ------------------------------------------------------------------ severe site shift
+# Fingerprints of the older levels, computed on the code before ``severe`` existed (commit
+# fc3b50a): site profiles, 30 patients' parameters (missing rate 0.2) and one rendered patient.
+OLD_LEVEL_FINGERPRINTS = {
+    "none": ("9eb865493af3d47d", "422d50be9fb043ac", "fba6ff48606945cb", "e9ff5dfe747f5497"),
+    "mild": ("d5cc9a357a30142e", "2e937967b0c157bb", "67cdacfb6acc5018", "531bfe8d2cf306a6"),
+    "strong": ("4e5ecb388eb7d488", "9b8c8c9fdf6a1aee", "cf3343abc6759630", "aa4831fe88ade3d0"),
+}
+
+
+def _fingerprint(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("level", sorted(OLD_LEVEL_FINGERPRINTS))
+def test_older_site_shift_levels_are_unchanged(level):
+    import hashlib
+
+    profiles = site_profiles(level, 5)
+    rows = [p.row() for p in sample_patient_parameters(30, 5, "generic", level, 0.2)]
+    p = sample_patient_parameters(2, 5, "generic", level)[1]
+    site = {s.name: s for s in profiles}[p.site]
+    r = render_patient(p, site, (24, 24, 20), 5, ("mri_t1", "ct", "pet"))
+    h = hashlib.sha256()
+    for k in sorted(r.images):
+        h.update(np.ascontiguousarray(r.images[k]).tobytes())
+    got = (_fingerprint([s.as_dict() for s in profiles]), _fingerprint(rows), h.hexdigest()[:16],
+           _fingerprint(r.info))
+    assert got == OLD_LEVEL_FINGERPRINTS[level]
+
+
+def test_severe_sites_degrade_in_the_intended_direction():
+    default = site_profiles("none", 0)[0]
+    strong = site_profiles("strong", 1)
+    severe = site_profiles("severe", 1)
+    assert [s.name for s in severe] == ["site_0", "site_1", "site_2"]
+    # fixed values, not drawn from the seed
+    assert [s.as_dict() for s in severe] == [s.as_dict() for s in site_profiles("severe", 7)]
+    for s in severe:
+        assert s.mri_noise >= 4 * default.mri_noise
+        assert s.mri_noise > max(t.mri_noise for t in strong)
+        assert s.blur_vox >= 1.5 > max(t.blur_vox for t in strong)
+        assert s.bias >= 3 * default.bias
+        assert abs(math.log(s.mri_gamma)) >= 0.25  # non-linear contrast: z-scoring cannot undo it
+        assert s.pet_fwhm_mm >= 13.0 > default.pet_fwhm_mm
+        assert s.ct_noise_hu >= 4 * default.ct_noise_hu and s.ct_blur_vox >= 1.0
+        assert min(s.slice_ratio_range) > min(default.slice_ratio_range)
+        assert s.shifts_labs and not default.shifts_labs
+        assert "ct_blur_vox" in s.as_dict() and "ct_blur_vox" not in default.as_dict()
+    assert len({s.mri_gamma for s in severe}) == 3 and any(s.mri_gamma > 1 for s in severe) \
+        and any(s.mri_gamma < 1 for s in severe)
+
+
+def test_severe_shift_keeps_biology_and_label_and_shifts_measurements():
+    # covariate shift, not label shift: patient i has the same hidden features, outcome and site
+    # as under 'strong'; the reported labs follow the site's calibration
+    strong = sample_patient_parameters(60, 4, "generic", "strong")
+    severe = sample_patient_parameters(60, 4, "generic", "severe")
+    sites = {s.name: s for s in site_profiles("severe", 4)}
+    ratios = []
+    for a, b in zip(strong, severe):
+        assert (a.site, a.z, a.eta, a.label, a.survival_months, a.age, a.sex) == \
+               (b.site, b.z, b.eta, b.label, b.survival_months, b.age, b.sex)
+        s = sites[b.site]
+        if b.anisotropic:
+            assert s.slice_ratio_range[0] <= b.slice_ratio <= s.slice_ratio_range[1]
+        if a.ldh is not None and b.ldh is not None:
+            assert b.ldh == pytest.approx(a.ldh * s.ldh_scale, abs=0.06)
+            ratios.append((b.site, b.ldh / a.ldh))
+        if a.kps is not None and b.kps is not None:
+            assert b.kps == min(max(a.kps + s.kps_offset, 30.0), 100.0)
+    assert len({site for site, _ in ratios}) == 3 and any(abs(r - 1) > 0.5 for _, r in ratios)
+
+
+def test_severe_render_is_noisier_and_blurrier_than_default():
+    p = sample_one(3, 2, "generic", "severe")
+    site = {s.name: s for s in site_profiles("severe", 2)}[p.site]
+    plain = dataclasses.replace(p, anisotropic=False, slice_ratio=1.0)
+    mods = ("mri_t1",)
+    base = render_patient(plain, site_profiles("none", 2)[0], (40, 40, 32), 2, mods)
+    bad = render_patient(plain, dataclasses.replace(site, name="x"), (40, 40, 32), 2, mods)
+    for r, lo in ((base, True), (bad, False)):
+        t1 = r.images["mri_t1"].astype(np.float64)
+        head = r.brain_labels > 0
+        air = r.brain_labels == 0
+        ratio = t1[air].mean() / np.percentile(t1[head], 99)  # Rician floor in air / head signal
+        assert (ratio < 0.05) if lo else (ratio > 0.08), ratio
+    # with the noise switched off in both, the severe site's MRI is blurrier: less edge energy
+    # per unit of signal inside the head
+    quiet = [render_patient(plain, dataclasses.replace(s, name="x", mri_noise=1e-4), (40, 40, 32),
+                            2, mods) for s in (site_profiles("none", 2)[0], site)]
+    head = quiet[0].brain_labels > 0
+
+    def edges(img):
+        g = np.gradient(img.astype(np.float64))
+        return float(np.sqrt(sum(x * x for x in g))[head].mean() / img[head].mean())
+
+    assert edges(quiet[1].images["mri_t1"]) < 0.8 * edges(quiet[0].images["mri_t1"])
+
+
+def test_severe_cohort_generates_and_preprocesses(tmp_path):
+    from ClinFuseDiffCore.config import PreprocessingConfig
+    from ClinFuseDiffCore.data.preprocess import preprocess_patient
+
+    out = tmp_path / "severe"
+    s = generate_cohort(out, 3, shape=(40, 40, 32), seed=2, site_shift="severe", progress=False)
+    assert s["n_patients"] == 3
+    marker = json.loads((out / "cohort.json").read_text(encoding="utf-8"))
+    assert marker["settings"]["site_shift"] == "severe"
+    assert marker["sites"]["site_1"]["ldh_scale"] == site_profiles("severe", 2)[1].ldh_scale
+    man = _read_csv(out / "manifest.csv")
+    assert all(float(r["ct_blur_vox"]) >= 1.0 and float(r["mri_noise"]) >= 0.15 for r in man)
+    cfg = PreprocessingConfig(spacing=[4.0, 4.0, 4.0], target_shape=[32, 32, 32],
+                              mask_backend="fallback")
+    for pdir in _patients(out):
+        vols = {m: Volume.from_nifti(pdir / f"{m}.nii.gz") for m in IMAGE_NAMES}
+        pp = preprocess_patient(vols, cfg, patient_id=pdir.name)
+        assert set(pp.images) == set(IMAGE_NAMES) and pp.shape == (32, 32, 32)
+        for m, img in pp.images.items():
+            assert np.isfinite(img).all() and img.std() > 0.01, (pdir.name, m)
+        assert pp.mask.sum() > 0.01 * pp.mask.size  # the brain mask still finds the brain
+
+
+def test_severe_is_accepted_by_the_cli_and_the_config():
+    import argparse
+
+    from ClinFuseDiffCore.commands import synth as synth_cmd
+    from ClinFuseDiffCore.config import ConfigError, load_config
+
+    p = argparse.ArgumentParser()
+    synth_cmd.add_arguments(p)
+    args = p.parse_args(["--out", "x", "--patients", "2", "--site-shift", "severe"])
+    assert args.site_shift == "severe"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "x", "--patients", "2", "--site-shift", "extreme"])
+    assert load_config("demo", ["data.synth_site_shift=severe"]).data.synth_site_shift == "severe"
+    with pytest.raises(ConfigError, match="severe"):
+        load_config("demo", ["data.synth_site_shift=extreme"])

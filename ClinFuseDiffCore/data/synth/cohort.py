@@ -173,7 +173,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
             field of view with fewer slices along k.
         seed: cohort seed; the same settings give the same files byte for byte.
         layout: ``generic`` (6 images + seg + brain_labels per patient) or ``brats`` (4 MRI + seg).
-        site_shift: ``none``, ``mild`` or ``strong`` scanner differences between sites.
+        site_shift: ``none``, ``mild``, ``strong`` or ``severe`` scanner differences between sites.
         missing_rate: probability that each image modality file is absent (>= 1 is kept).
         progress: show a tqdm progress bar on stderr.
         callback: optional ``callback(done, total)`` after each patient (GUI progress).
@@ -295,7 +295,7 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int,
         "brain_labels": {str(k): v for k, v in BRAIN_LABELS.items()},
         "seg_labels": {"0": "background", "1": "necrotic / non-enhancing core",
                        "2": "oedema", "4": "enhancing rim"},
-        "sites": {k: vars(v) for k, v in sites.items()},
+        "sites": {k: v.as_dict() for k, v in sites.items()},
         "documentation": "docs/COHORT.md",
     })
     _write_marker(out, marker)

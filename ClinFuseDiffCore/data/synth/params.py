@@ -9,13 +9,13 @@ Patient ``i`` (0-based) of seed ``s`` always gets the same parameters, whatever 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import numpy as np
 
-SiteShift = Literal["none", "mild", "strong"]
-SITE_SHIFTS: tuple[str, ...] = ("none", "mild", "strong")
+SiteShift = Literal["none", "mild", "strong", "severe"]
+SITE_SHIFTS: tuple[str, ...] = ("none", "mild", "strong", "severe")
 IMAGE_NAMES: tuple[str, ...] = ("mri_t1", "mri_t1ce", "mri_t2", "mri_flair", "ct", "pet")
 BRATS_NAMES: tuple[str, ...] = ("mri_t1", "mri_t1ce", "mri_t2", "mri_flair")
 
@@ -68,13 +68,71 @@ class SiteProfile:
     ct_noise_hu: float = 5.0
     spacing_scale: float = 1.0  # >1 = coarser voxels
     p_anisotropic: float = 0.3
+    # Added for ``severe``; at these defaults every older level renders exactly as before.
+    ct_blur_vox: float = 0.0  # Gaussian blur (sigma, voxels) of the CT (soft reconstruction kernel)
+    slice_ratio_range: tuple[float, float] = (2.0, 3.3)  # thick slices: thickness / in-plane
+    ldh_scale: float = 1.0  # lab calibration: reported LDH = true LDH * scale (assay method)
+    kps_offset: float = 0.0  # rater bias of the Karnofsky score (points, then clipped to 30..100)
+
+    def as_dict(self) -> dict:
+        """The profile as a dict for ``cohort.json``: the fields added for ``severe`` are listed
+        only where they differ from their defaults, so older cohorts' files stay byte-identical."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in _SEVERE_FIELDS and d[f.name] == f.default:
+                d.pop(f.name)
+        return d
+
+    @property
+    def shifts_labs(self) -> bool:
+        """Whether this site reports lab values / scores on another calibration."""
+        return (self.ldh_scale, self.kps_offset) != (1.0, 0.0)
+
+
+_SEVERE_FIELDS = ("ct_blur_vox", "slice_ratio_range", "ldh_scale", "kps_offset")
+
+# ``severe``: three scanner sites of a real multi-centre cohort whose differences per-modality
+# normalisation cannot undo — low SNR (Rician), strong blur and thick slices (resolution loss),
+# strong bias field, non-linear contrast (gamma), coarse PET, noisy and soft-kernel CT, and a
+# site-specific lab calibration. The patients' biology and label model are those of every other
+# level (covariate shift, not label shift). Fixed values (not drawn from the seed), one column per
+# site; site_0 is the one an external evaluation tunes on, sites 1-2 test.
+SEVERE_SITES: dict[str, tuple[float, float, float]] = {
+    #                  site_0   site_1   site_2
+    "mri_gain":        (700.0, 2500.0, 400.0),
+    "mri_offset":      (0.05, 0.10, 0.0),
+    "mri_gamma":       (0.75, 1.5, 0.6),
+    "mri_noise":       (0.15, 0.20, 0.25),
+    "bias":            (0.45, 0.55, 0.60),
+    "blur_vox":        (1.5, 2.0, 2.5),
+    "pet_fwhm_mm":     (13.0, 15.0, 16.0),
+    "pet_gain":        (0.8, 1.3, 0.7),
+    "ct_noise_hu":     (20.0, 30.0, 40.0),
+    "ct_blur_vox":     (1.0, 1.5, 2.0),
+    "spacing_scale":   (1.15, 1.2, 1.25),
+    "p_anisotropic":   (0.7, 0.9, 0.5),
+    "slice_ratio_min": (3.0, 3.5, 3.5),
+    "slice_ratio_max": (4.5, 5.0, 5.0),
+    "ldh_scale":       (1.6, 2.0, 0.7),
+    "kps_offset":      (10.0, 0.0, -10.0),
+}
+
+
+def _severe_profiles() -> list[SiteProfile]:
+    out = []
+    for s in range(3):
+        v = {k: vals[s] for k, vals in SEVERE_SITES.items()}
+        lo, hi = v.pop("slice_ratio_min"), v.pop("slice_ratio_max")
+        out.append(SiteProfile(name=f"site_{s}", slice_ratio_range=(lo, hi), **v))
+    return out
 
 
 def site_profiles(site_shift: SiteShift, seed: int) -> list[SiteProfile]:
-    """The scanner sites of a cohort. ``none``: one site; ``mild``/``strong``: three sites.
+    """The scanner sites of a cohort. ``none``: one site; ``mild``/``strong``: three sites drawn
+    from the seed (spread x1 / x2.5); ``severe``: the three fixed sites of ``SEVERE_SITES``.
 
     Args:
-        site_shift: ``none``, ``mild`` or ``strong``.
+        site_shift: ``none``, ``mild``, ``strong`` or ``severe``.
         seed: cohort seed.
 
     Returns:
@@ -84,6 +142,8 @@ def site_profiles(site_shift: SiteShift, seed: int) -> list[SiteProfile]:
         raise ValueError(f"site_shift {site_shift!r} not in {list(SITE_SHIFTS)}")
     if site_shift == "none":
         return [SiteProfile("site_0")]
+    if site_shift == "severe":
+        return _severe_profiles()
     rng = np.random.default_rng([seed, 7919])
     k = 1.0 if site_shift == "mild" else 2.5
     out = []
@@ -215,6 +275,11 @@ def sample_one(index: int, seed: int, layout: str = "generic", site_shift: SiteS
     ldh = float(round(190.0 * math.exp(0.25 * z["z_ldh"]), 1))
     crp = float(round(math.exp(rng.normal(1.0, 0.8)), 2))
     hb = float(round(rng.normal(14.5 if sex == "M" else 13.0, 1.2), 1))
+    if site.shifts_labs:
+        # the site's measurement / calibration shift (the hidden z features and the label keep
+        # the true values: covariate shift, not label shift)
+        kps = float(np.clip(kps + site.kps_offset, 30.0, 100.0))
+        ldh = float(round(ldh * site.ldh_scale, 1))
     kps_o = _opt(rng, kps, LAB_MISSING["kps"])
     ldh_o = _opt(rng, ldh, LAB_MISSING["ldh"])
     crp_o = _opt(rng, crp, LAB_MISSING["crp"])
@@ -231,7 +296,7 @@ def sample_one(index: int, seed: int, layout: str = "generic", site_shift: SiteS
 
     orientation = ORIENTATIONS[int(rng.choice(3, p=[0.4, 0.3, 0.3]))]
     aniso = bool(rng.random() < site.p_anisotropic)
-    slice_ratio = float(rng.uniform(2.0, 3.3)) if aniso else 1.0
+    slice_ratio = float(rng.uniform(*site.slice_ratio_range)) if aniso else 1.0
     jitter = float(rng.uniform(1.0, 1.1))
 
     mods = IMAGE_NAMES if layout == "generic" else BRATS_NAMES

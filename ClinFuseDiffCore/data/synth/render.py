@@ -11,7 +11,8 @@ Pipeline (one coordinate grid per patient, shared by every modality):
 4. tissue fractions: the MNI maps are sampled once (``map_coordinates`` order 1) at the
    displaced coordinates; tumour classes replace brain tissue;
 5. contrast: each modality is a weighted sum of class intensities, then scanner effects
-   (bias field, blur, Rician noise and gain for MRI; PET blur to 5-11 mm FWHM; CT in HU).
+   (bias field, blur, Rician noise and gain for MRI; PET blur to 5-16 mm FWHM; CT in HU,
+   optionally blurred).
 """
 
 from __future__ import annotations
@@ -295,6 +296,8 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
         elif name == "ct":
             under = np.where(nec[calc], mu[6], mu[7])  # HU of the tumour tissue replaced
             img[calc] += (np.float32(calc_hu) - under) * fr_tumour[calc]
+            if site.ct_blur_vox > 0.05:
+                img = ndi.gaussian_filter(img, site.ct_blur_vox)
             img = img + np.float32(site.ct_noise_hu) * rng.standard_normal(grid, dtype=np.float32)
             images[name] = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
         else:  # pet
@@ -324,4 +327,6 @@ def render_patient(p: PatientParameters, site: SiteProfile, shape: tuple[int, in
         "pet_fwhm_mm": round(site.pet_fwhm_mm, 3), "pet_gain": round(site.pet_gain, 4),
         "ct_noise_hu": round(site.ct_noise_hu, 3),
     }
+    if site.ct_blur_vox:  # only sites that blur the CT (older cohorts' manifests stay as they were)
+        info["ct_blur_vox"] = round(site.ct_blur_vox, 4)
     return RenderedPatient(images=images, seg=seg, brain_labels=brain_labels, affine=affine, info=info)
