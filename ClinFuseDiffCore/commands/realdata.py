@@ -10,7 +10,9 @@ DESCRIPTION = (
     "extra: pip install -e '.[benchmark]'), split their columns into modality blocks by meaning, "
     "and run patient-level stratified K-fold CV x repeats: ClinFuseDiff mean/attention fusion "
     "trained with block dropout, and elastic-net Cox baselines (one per subset, mean imputation, "
-    "block dropout) tuned by inner CV on training patients. Every non-empty block subset is "
+    "block dropout) tuned by inner CV on training patients; optionally the decoupled diffusion "
+    "imputer (cfd_diffusion) and its MSE control (cfd_regressor) on each fold's frozen "
+    "cfd_attention teacher. Every non-empty block subset is "
     "evaluated (Harrell's C, td-AUROC at the median time). Writes <out>/results.json and "
     "results.md (docs/REALDATA.md)."
 )
@@ -26,8 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of folds, dropout draws, networks")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of cfd_mean,cfd_attention,encox_subset,"
-                        "encox_meanimp,encox_dropout (default all)")
+                        "encox_meanimp,encox_dropout,cfd_diffusion,cfd_regressor (default: all "
+                        "but cfd_diffusion,cfd_regressor)")
     p.add_argument("--nn-steps", type=int, default=200, help="optimiser steps per network (default 200)")
+    p.add_argument("--imputer-steps", type=int, default=4000,
+                   help="optimiser steps of the cfd_diffusion / cfd_regressor networks (default 4000, "
+                        "the research sweep's)")
+    p.add_argument("--imputer-batch", type=int, default=256, help="their batch size (default 256)")
+    p.add_argument("--imputer-samples", type=int, default=4,
+                   help="K diffusion samples per evaluated row (default 4)")
     p.add_argument("--max-patients", type=int, default=None,
                    help="random subsample of each cohort (smoke runs only)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -46,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     settings = RunSettings(folds=args.folds, repeats=args.repeats, seed=args.seed,
-                           nn_steps=args.nn_steps, max_patients=args.max_patients)
+                           nn_steps=args.nn_steps, max_patients=args.max_patients,
+                           imputer_steps=args.imputer_steps, imputer_batch=args.imputer_batch,
+                           imputer_samples=args.imputer_samples)
     if args.methods:
         settings.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:

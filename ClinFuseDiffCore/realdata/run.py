@@ -21,6 +21,13 @@ Protocol (docs/REALDATA.md):
   - ``encox_dropout``: the same model trained on ``cox_copies`` copies of every training patient,
     each copy keeping a subset of the patient's blocks drawn uniformly over the non-empty ones (the
     others set to the training mean).
+  - ``cfd_diffusion`` / ``cfd_regressor`` (``realdata/imputers.py``, not run by default): the
+    research sweep's decoupled diffusion imputer and its MSE control on the fold's frozen
+    ``cfd_attention`` model (the teacher): trained on the teacher's frozen block tokens of the
+    training patients to produce its fusion of every block the patient has from a uniformly drawn
+    subset of them, fixed budget ``imputer_steps`` (no selection); readout = the teacher's head on
+    the imputations (posterior mean over K samples). Summaries add the paired difference vs
+    ``cfd_attention``; every fold records the imputation diagnostics.
   Elastic-net Cox = scikit-survival ``CoxnetSurvivalAnalysis(l1_ratio=0.5)``; the penalty is chosen
   on the training patients only, by inner 3-fold CV (split by patient, copies kept together)
   maximising the validation partial log-likelihood (glmnet's default criterion for Cox).
@@ -58,7 +65,10 @@ log = logging.getLogger(__name__)
 SCHEMA = "clinfusediff.realdata/1"
 NN_METHODS = ("cfd_mean", "cfd_attention")
 COX_METHODS = ("encox_subset", "encox_meanimp", "encox_dropout")
+IMPUTER_METHODS = ("cfd_diffusion", "cfd_regressor")  # realdata/imputers.py; teacher = cfd_attention
+ALL_METHODS = NN_METHODS + COX_METHODS + IMPUTER_METHODS
 REFERENCE = "encox_dropout"
+TEACHER = "cfd_attention"  # second reference of the summaries when present
 
 
 @dataclass
@@ -78,6 +88,11 @@ class RunSettings:
     nn_weight_decay: float = 1e-2
     embed_dim: int = 32
     hidden: int = 64
+    # cfd_diffusion / cfd_regressor (realdata/imputers.py): fixed budgets, no selection
+    imputer_steps: int = 4000
+    imputer_batch: int = 256
+    imputer_lr: float = 1e-3
+    imputer_samples: int = 4  # K diffusion samples per evaluated row
     max_patients: Optional[int] = None  # subsample (tests only)
     extra: dict = field(default_factory=dict)
 
@@ -349,12 +364,59 @@ def _mean_subset_c(model, tokens, natural, time, event, subsets) -> float:
     return float(np.mean(cs)) if cs else -math.inf
 
 
+@dataclass
+class FusionFit:
+    """A ClinFuseDiff model trained on one fold's training patients (eval mode).
+
+    ``feats``: every patient's normalised block features (normalisers fitted on ``inner_tr``);
+    ``tokens(idx)`` encodes patients ``idx`` on the blocks they naturally have -> (n, M, E).
+    """
+
+    model: Any
+    feats: dict
+    natural: np.ndarray  # (N, M) bool, the cohort's natural block availability
+    inner_tr: np.ndarray
+    inner_val: np.ndarray
+    best_step: int
+    inner_val_c: float
+
+    def tokens(self, idx: np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            return self.model.encode({"tabular": _tab_batch(self.feats, idx)},
+                                     torch.from_numpy(self.natural[idx]))  # (n, M, E)
+
+
 def fit_predict_fusion(ds: RealDataset, tables: BlockTables, fusion: str, train_idx: np.ndarray,
                        test_idx: np.ndarray, natural: np.ndarray, settings: RunSettings, seed: int):
     """Train one ClinFuseDiff model on the fold's training patients; return a risk function.
 
     Returns:
-        (predict(test_rows_local, visible (n, M) bool) -> risk (n,), info dict)
+        (predict(test_rows_local, visible (n, M) bool) -> risk (n,), info dict); the trained
+        ``FusionFit`` is ``predict.fit`` (the teacher of the imputer methods).
+    """
+    import torch
+
+    fit = train_fusion(ds, tables, fusion, train_idx, natural, settings, seed)
+    test_tokens = fit.tokens(test_idx)  # (n, M, E)
+
+    def predict(local_rows: np.ndarray, visible: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = fit.model.predict_from_tokens(test_tokens[local_rows], torch.from_numpy(visible))
+        return out.reshape(-1).numpy().astype(np.float64)
+
+    predict.fit = fit  # type: ignore[attr-defined]
+    return predict, {"best_step": fit.best_step, "inner_val_c": fit.inner_val_c}
+
+
+def train_fusion(ds: RealDataset, tables: BlockTables, fusion: str, train_idx: np.ndarray,
+                 natural: np.ndarray, settings: RunSettings, seed: int) -> FusionFit:
+    """Train one ClinFuseDiff model (``fusion`` = mean | attention) on training patients only.
+
+    Block dropout uniform over the non-empty subsets of the blocks each patient has; fixed budget
+    of ``settings.nn_steps`` on 80% of ``train_idx``, the step kept by the mean-over-subsets C on
+    the other 20% (module docstring).
     """
     import copy
 
@@ -408,16 +470,41 @@ def fit_predict_fusion(ds: RealDataset, tables: BlockTables, fusion: str, train_
                 best = (c, step, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
     model.eval()
-    with torch.no_grad():
-        test_tokens = model.encode({"tabular": _tab_batch(feats, test_idx)},
-                                   torch.from_numpy(natural[test_idx]))  # (n, M, E)
+    return FusionFit(model, feats, natural, inner_tr, inner_val, best[1], best[0])
 
-    def predict(local_rows: np.ndarray, visible: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = model.predict_from_tokens(test_tokens[local_rows], torch.from_numpy(visible))
-        return out.reshape(-1).numpy().astype(np.float64)
 
-    return predict, {"best_step": best[1], "inner_val_c": best[0]}
+def fit_predict_imputers(kinds: Sequence[str], ds: RealDataset, teacher: FusionFit, train_idx: np.ndarray,
+                         test_idx: np.ndarray, settings: RunSettings, seed: int, subsets: np.ndarray,
+                         info: dict) -> dict[str, Any]:
+    """``cfd_diffusion`` / ``cfd_regressor`` on one fold (realdata/imputers.py).
+
+    The imputers are trained on the teacher's frozen tokens of the fold's training patients only
+    (``train_idx``), with the blocks they naturally have; the test patients' tokens are used only
+    to predict and for the diagnostics (written into ``info``).
+
+    Returns:
+        {method: predict(test_rows_local, visible (n, M) bool) -> risk (n,)}; ``predict.net`` is
+        the trained network.
+    """
+    from .imputers import ImputerSettings, diagnostics, fit_imputer, make_predict
+
+    cfg = _nn_config(ds, "attention", settings)
+    s = ImputerSettings(steps=settings.imputer_steps, batch_size=settings.imputer_batch,
+                        lr=settings.imputer_lr, samples=settings.imputer_samples)
+    natural = teacher.natural
+    train_tokens = teacher.tokens(train_idx)  # (n_train, M, E), frozen
+    test_tokens = teacher.tokens(test_idx)  # (n_test, M, E)
+    out = {}
+    for kind in kinds:
+        t0 = _time.time()
+        impute, net, meta = fit_imputer(kind, teacher.model, cfg, train_tokens, natural[train_idx], s, seed)
+        info[f"{kind}_final_loss"] = meta["final_loss"]
+        info[f"{kind}_train_seconds"] = round(_time.time() - t0, 2)
+        out[kind] = make_predict(teacher.model, impute, test_tokens, seed)
+        out[kind].net = net  # the trained network (EMA weights), for inspection and tests
+        info[f"{kind}_diagnostics"] = diagnostics(teacher.model, impute, test_tokens, natural[test_idx],
+                                                  subsets, seed)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +551,7 @@ def run_dataset(ds: RealDataset, settings: RunSettings, progress: bool = True) -
     subset_names = ["+".join(b for b, k in zip(blocks, s) if k) for s in subsets]
     time, event = ds.time, ds.event
     horizon = float(np.median(time))
-    tables = BlockTables(ds) if any(m in NN_METHODS for m in settings.methods) else None
+    tables = BlockTables(ds) if any(m in NN_METHODS + IMPUTER_METHODS for m in settings.methods) else None
     folds = make_folds(event, settings.folds, settings.repeats, settings.seed)
     records: list[dict] = []
     fold_info: list[dict] = []
@@ -516,10 +603,22 @@ def run_dataset(ds: RealDataset, settings: RunSettings, progress: bool = True) -
                 info["subset_models"] = sum(v is not None for v in per.values())
         for m in settings.methods:
             if m in NN_METHODS:
+                t_m = _time.time()
                 fn, nn_info = fit_predict_fusion(ds, tables, m.split("_", 1)[1], tr, te, natural_all,
                                                  settings, fseed)
                 preds[m] = fn
                 info[f"{m}_best_step"] = nn_info["best_step"]
+                info[f"{m}_seconds"] = round(_time.time() - t_m, 2)
+        imputers = [m for m in settings.methods if m in IMPUTER_METHODS]
+        if imputers:
+            t_m = _time.time()
+            # the teacher: this fold's cfd_attention (trained here with the same seed when the
+            # method itself is not run, so it is the model cfd_attention would be)
+            teacher = preds[TEACHER].fit if TEACHER in preds else train_fusion(
+                ds, tables, "attention", tr, natural_all, settings, fseed)
+            if TEACHER not in preds:
+                info["teacher_seconds"] = round(_time.time() - t_m, 2)
+            preds.update(fit_predict_imputers(imputers, ds, teacher, tr, te, settings, fseed, subsets, info))
         # evaluation: every subset among patients who have it, and the natural test set
         evals = [(name, s) for name, s in zip(subset_names, subsets)] + [("natural", None)]
         for name, s in evals:
@@ -583,6 +682,10 @@ def summarise(records: list[dict], methods: Sequence[str], M: int, n_patients: i
                     d = v - per_fold(REFERENCE, metric, sel)
                     dm, dlo, dhi = _corrected_interval(d, n_test, n_train)
                     entry.update({"diff_vs_ref": dm, "diff_lo": dlo, "diff_hi": dhi})
+                if m != TEACHER and TEACHER in methods and any(x in methods for x in IMPUTER_METHODS):
+                    d = v - per_fold(TEACHER, metric, sel)
+                    dm, dlo, dhi = _corrected_interval(d, n_test, n_train)
+                    entry.update({"diff_vs_teacher": dm, "diff_teacher_lo": dlo, "diff_teacher_hi": dhi})
                 out[m][metric][g] = entry
     return out
 
@@ -631,8 +734,48 @@ def format_markdown(results: dict) -> str:
                      and np.isfinite(r["c_index"])]
                 row.append(f"{np.mean(v):.3f}" if v else "-")
             lines.append(f"| {sub} | " + " | ".join(row) + " |")
+        lines += _imputer_markdown(d)
         lines += ["", f"({d['seconds']:.0f} s)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _imputer_markdown(d: dict) -> list[str]:
+    """Tables of cfd_diffusion / cfd_regressor: paired difference vs the cfd_attention teacher,
+    and the imputation diagnostics (mean over folds, by subset size)."""
+    kinds = [m for m in IMPUTER_METHODS if m in d["summary"]]
+    if not kinds:
+        return []
+    lines = []
+    if "diff_vs_teacher" in d["summary"][kinds[0]]["c_index"]["mean_subsets"]:
+        lines += ["", f"Paired difference vs `{TEACHER}` (the frozen teacher of the imputers; same folds):", "",
+                  "| method | C mean subsets | C singletons | C full | tdAUC mean subsets |", "|---|---|---|---|---|"]
+        def f(e: dict) -> str:
+            return f"{e['diff_vs_teacher']:+.3f} [{e['diff_teacher_lo']:+.3f}, {e['diff_teacher_hi']:+.3f}]"
+
+        for m in kinds:
+            c, a = d["summary"][m]["c_index"], d["summary"][m]["td_auc"]
+            lines.append(f"| {m} | {f(c['mean_subsets'])} | {f(c['singletons'])} | {f(c['full'])} | "
+                         f"{f(a['mean_subsets'])} |")
+    M = len(d["blocks"])
+    lines += ["", "Imputation diagnostics on the test patients (mean over folds; by subset size 1..M): "
+              "cosine of the imputation to the teacher's full-set fusion, the teacher's own fusion of the "
+              "subset for comparison, cosine between two samples of one condition, std over the K samples "
+              "of the risk (log-hazard):", "",
+              "| method | quantity | " + " | ".join(f"size {k}" for k in range(1, M + 1)) + " |",
+              "|---|---|" + "---|" * M]
+    names = {"cosine_to_full_by_size": "cosine to full-set target",
+             "teacher_subset_cosine_by_size": "teacher on subset, cosine to target",
+             "sample_pair_cosine_by_size": "cosine between two samples",
+             "risk_sample_std_by_size": "risk std over samples"}
+    for m in kinds:
+        diag = [f[f"{m}_diagnostics"] for f in d["folds"] if f"{m}_diagnostics" in f]
+        for key, label in names.items():
+            v = np.nanmean(np.array([g[key] for g in diag], np.float64), axis=0)
+            lines.append(f"| {m} | {label} | " + " | ".join(f"{x:.3f}" for x in v) + " |")
+        secs = [f[f"{m}_train_seconds"] for f in d["folds"] if f"{m}_train_seconds" in f]
+        if secs:
+            lines.append(f"| {m} | training seconds per fold | {np.mean(secs):.1f} |" + " |" * (M - 1))
+    return lines
 
 
 def run_realdata(datasets: Sequence[str], out_dir: str | Path, settings: Optional[RunSettings] = None,
@@ -647,9 +790,9 @@ def run_realdata(datasets: Sequence[str], out_dir: str | Path, settings: Optiona
         import sksurv  # noqa: F401
     except ImportError as e:
         raise ImportError(f"clinfusediff realdata needs scikit-survival; {INSTALL_HINT}") from e
-    unknown = [m for m in settings.methods if m not in NN_METHODS + COX_METHODS]
+    unknown = [m for m in settings.methods if m not in ALL_METHODS]
     if unknown:
-        raise ValueError(f"methods {unknown} not in {list(NN_METHODS + COX_METHODS)}")
+        raise ValueError(f"methods {unknown} not in {list(ALL_METHODS)}")
     t0 = _time.time()
     out = Path(out_dir)
     res: dict[str, Any] = {"schema": SCHEMA, "command": command,
