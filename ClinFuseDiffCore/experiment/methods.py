@@ -499,7 +499,7 @@ def token_diagnostics(complete, tokens: torch.Tensor, present: np.ndarray, idx: 
     patients (what an imputer that ignores the condition would reach)."""
     sizes = masks.sum(1)
     M = masks.shape[1]
-    cos = np.full(M, np.nan)
+    cos = np.full(M, np.nan)  # by size 1..M; the last is dropped
     P = len(idx)
     tok = tokens.index_select(0, torch.from_numpy(idx))
     pres = torch.from_numpy(present[idx])
@@ -515,7 +515,8 @@ def token_diagnostics(complete, tokens: torch.Tensor, present: np.ndarray, idx: 
             cs.append(c[:, sel].mean().item())
         if cs:
             cos[k - 1] = float(np.mean(cs))
-    return {"token_cosine_by_size": cos.round(4).tolist(), "token_cosine_of_mean_token": round(base, 4)}
+    return {"token_cosine_by_size": cos[:M - 1].round(4).tolist(),  # sizes 1..M-1 (a full set imputes nothing)
+            "token_cosine_of_mean_token": round(base, 4)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ def write_verdict(out: Path, cfg, sweep, data: ArrayCohort, subsets: list[tuple[
         if d:
             entry["cosine_to_full_by_size"] = np.mean([x["cosine_to_full_by_size"] for x in d], 0).round(4).tolist()
             entry["sample_pair_cosine_by_size"] = np.mean([x["sample_pair_cosine_by_size"] for x in d], 0).round(4).tolist()
+            if all("token_cosine_by_size" in x for x in d):  # per-modality token imputers
+                # sizes 1..M-1 (a full set imputes nothing)
+                M1 = len(data.modalities) - 1
+                entry["token_cosine_by_size"] = np.mean([x["token_cosine_by_size"][:M1] for x in d], 0).round(4).tolist()
+                entry["token_cosine_of_mean_token"] = round(float(np.mean([x["token_cosine_of_mean_token"] for x in d])), 4)
         stds = [x["_sample_std"] for x in ms if "_sample_std" in x]
         if stds:
             au, corr = [], []
