@@ -138,6 +138,10 @@ class ModelConfig:
     tabular_hidden: list[int] = field(default_factory=lambda: [128, 128])
     categorical_embed_dim: int = 8
     fusion: Literal["mean", "attention", "diffusion"] = "diffusion"
+    # Attention/mean fusion: after training, fit a per-modality token imputer on the training
+    # patients' tokens; at prediction time the missing modalities' tokens are imputed from the
+    # available ones and the fusion sees the complete set (models/imputer.py; README, issue 11).
+    token_imputer: bool = False
     attention_heads: int = 4
     attention_layers: int = 1
     dropout: float = 0.1
@@ -174,6 +178,10 @@ class TrainingConfig:
     grad_clip: float = 1.0
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     grad_checkpointing: bool = False
+    # The token imputer (model.token_imputer): fixed budget, fitted after the last epoch.
+    imputer_steps: int = 2000
+    imputer_batch_size: int = 256
+    imputer_lr: float = 1e-3
     early_stopping_patience: int = 20
     # Validation metric for the best checkpoint / early stopping: a val_* metric of the task, on
     # the full modality set (val_auroc, val_c_index, ...) or averaged over every non-empty modality

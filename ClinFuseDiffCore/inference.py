@@ -73,6 +73,8 @@ class Prediction:
             ``num_samples`` (see module docstring).
         contributions: modality -> leave-one-out change (see module docstring).
         ttt: {"used", "accepted", "loss_before", "loss_after", "steps", "params"}.
+        imputed_modalities: modalities whose tokens the checkpoint's token imputer filled in
+            (``model.token_imputer``; empty otherwise).
         timings: seconds of this call: ``encode``, ``ttt``, ``sampling``, ``total`` (shared by
             the ``batch_size`` patients of the call).
     """
@@ -89,6 +91,7 @@ class Prediction:
     contributions: dict[str, float] = field(default_factory=dict)
     ttt: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    imputed_modalities: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,6 +297,12 @@ class Predictor:
         if ttt and not (self.is_diffusion or self.model.fusion_type == "attention"):
             raise ValueError(f"TTT needs a diffusion or attention checkpoint; this one has fusion="
                              f"{self.model.fusion_type!r}. Use ttt=False (--no-ttt)")
+        imputer = getattr(self.model, "imputer", None)
+        imputing = imputer is not None and imputer.is_fitted
+        if ttt and imputing:
+            raise ValueError("this checkpoint completes missing modalities with its token imputer "
+                             "(model.token_imputer); MiDl TTT adapts the fusion on subsets of the available "
+                             "modalities and is not used with it. Use ttt=False (--no-ttt)")
         if samples is None:
             samples = self.cfg.diffusion.num_samples if self.is_diffusion else 1
         K = int(samples)
@@ -358,6 +367,8 @@ class Predictor:
             used = [self.modalities[j] for j in available[b].nonzero().flatten().tolist()]
             p = Prediction(patient_id=ids[b], task=self.task, modalities_used=used,
                            timings=dict(timings))
+            if imputing:
+                p.imputed_modalities = [m for m in self.modalities if m not in used]
             if self.task == "classification":
                 pk = o.softmax(-1)  # (K, C)
                 pm = pk.mean(0)  # (C,)

@@ -31,6 +31,7 @@ from ..data.dataset import sample_subset_masks
 from ..models.denoiser import TokenDenoiser
 from ..models.fusion import AttentionFusion, DiffusionFusion, MeanFusion
 from ..models.heads import PredictionHead
+from ..models.imputer import TokenImputer
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -275,40 +276,6 @@ def fit_flow(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> tuple
         return p.mean(0), p
     scorer.impute = impute  # type: ignore[attr-defined]
     return ema, scorer, {"final_loss": float(np.mean(losses[-50:])), "flow_steps": n_steps}
-
-
-class TokenImputer(nn.Module):
-    """Per-modality token imputation (IMDer / MUST style): a transformer over the M modality slots.
-
-    A slot the condition has carries its (standardised) stage-1 token; a slot it lacks carries
-    ``x`` (the flow's current state, or zeros for the deterministic regressor) and a learned
-    "missing" flag. Every slot gets a learned modality embedding, and with ``t`` the time
-    embedding is added to the missing slots. Output (N, M, E): the prediction for every slot (the
-    velocity for flow, the token itself for the regressor); only missing slots are read.
-    """
-
-    def __init__(self, dim: int, num_modalities: int, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.tok_embed = nn.Linear(dim, dim)
-        self.x_embed = nn.Linear(dim, dim)
-        self.slot = nn.Parameter(torch.randn(1, num_modalities, dim) * 0.02)
-        self.missing = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        from ..models.denoiser import TimestepEmbedder
-
-        self.t_embedder = TimestepEmbedder(dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, t: Optional[torch.Tensor], tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        c = cond.bool().unsqueeze(-1)  # (N, M, 1)
-        miss = self.x_embed(x) + self.missing
-        if t is not None:
-            miss = miss + self.t_embedder(t).unsqueeze(1)
-        h = torch.where(c, self.tok_embed(tokens), miss) + self.slot  # (N, M, E)
-        return self.out(self.norm(self.blocks(h)))  # (N, M, E)
 
 
 def fit_token_imputer(kind: str, cfg, sweep, td: TokenData, seed: int, teacher: FusionHead

@@ -30,6 +30,7 @@ from ..training.losses import (
 from .encoders import ModalityEncoders
 from .fusion import AttentionFusion, DiffusionFusion, MeanFusion
 from .heads import PredictionHead, TokenDecoders, num_outputs_for
+from .imputer import TokenCompleter
 
 FUSIONS = ("mean", "attention", "diffusion")
 
@@ -81,6 +82,13 @@ class ClinFuseDiffModel(nn.Module):
         else:
             self.fusion = DiffusionFusion(E, M, cfg.diffusion, m.attention_heads, m.attention_layers, m.dropout)
         self.head = PredictionHead(E, m.head_hidden, self.num_outputs, m.dropout)
+        self.imputer: Optional[TokenCompleter] = None
+        if getattr(m, "token_imputer", False):
+            if m.fusion == "diffusion":
+                raise ValueError("model.token_imputer needs model.fusion: attention or mean (diffusion "
+                                 "imputes the fused vector itself); set model.token_imputer=false")
+            dc = cfg.diffusion
+            self.imputer = TokenCompleter(E, M, dc.denoiser_depth, dc.denoiser_heads, dc.denoiser_mlp_ratio)
         self.decoders = TokenDecoders(self.modalities, E, m.head_hidden)
 
     # ------------------------------------------------------------------------------------
@@ -145,6 +153,9 @@ class ClinFuseDiffModel(nn.Module):
                 tokens, available, num_samples=num_samples, generator=generator,
                 num_inference_steps=num_inference_steps, **sample_kwargs,
             )
+        if self.imputer is not None and self.imputer.is_fitted and not self.training:
+            # The fitted token imputer completes the set: available tokens kept, the rest imputed.
+            tokens, available = self.imputer.complete(tokens, available)
         z = self.fusion(tokens, available)  # (B, E)
         if num_samples == 1:
             return z

@@ -739,15 +739,38 @@ def train(
     # -- feature bank for TTT (end to end: encoders changed every step, so compute it now) ---------
     # -- and the mark that training finished (evaluate/infer refuse checkpoints without it) ---------
     if main and not interrupted:
-        bank_model = None if features_mode else copy.deepcopy(model)  # `model` keeps the last weights
+        imputing = getattr(model, "imputer", None) is not None
+        bank_model = None if (features_mode and not imputing) else copy.deepcopy(model)  # `model` keeps the last weights
         for path in (last_path, best_path):
             ck = load_checkpoint(path, map_location="cpu")
             if bank_model is not None:
                 bank_model.load_state_dict(ck["model"])
-                enc = encode_dataset(bank_model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
-                ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
+                if features_mode:  # cached image tokens + tabular tokens of these weights
+                    tr = encoded["train"]
+                    with torch.no_grad():
+                        bank_model.eval()
+                        enc = {**tr, "tokens": feature_tokens(bank_model, to_device(
+                            {"tokens": tr["tokens"], "available_full": tr["available"], "tabular": tr["tabular"]},
+                            device)).float().cpu()}
+                else:
+                    enc = encode_dataset(bank_model, cohort.datasets["train"], device, max(tc.batch_size, 16), tc.amp)
+                    ck["feature_bank"] = feature_bank_from(enc, tc.feature_bank_size, cfg.experiment.seed)
+                if imputing:
+                    from ..models.imputer import fit_token_completer
+
+                    fit = fit_token_completer(
+                        bank_model.imputer, enc["tokens"], enc["available"], steps=tc.imputer_steps,
+                        batch_size=tc.imputer_batch_size, lr=tc.imputer_lr, subset_sampling=cfg.data.subset_sampling,
+                        seed=cfg.experiment.seed)
+                    ck["model"] = {**ck["model"], **{f"imputer.{k}": v.detach().cpu().clone()
+                                                     for k, v in bank_model.imputer.state_dict().items()}}
+                    ck["token_imputer"] = fit
+                    log.info("token imputer fitted for %s on %d training patients (final loss %.4f)",
+                             path.name, fit["patients"], fit["final_loss"])
             ck[FINISHED_KEY] = True
             write_checkpoint(path, ck)
+            if imputing and path == last_path:  # the returned model (last weights) gets its imputer
+                model.imputer.load_state_dict(bank_model.imputer.state_dict())
     if main:
         from ..utils import atomic_write_json
 
