@@ -141,6 +141,7 @@ class ModelConfig:
     # Attention/mean fusion: after training, fit a per-modality token imputer on the training
     # patients' tokens; at prediction time the missing modalities' tokens are imputed from the
     # available ones and the fusion sees the complete set (models/imputer.py; README, issue 11).
+    # Ignored by diffusion fusion, which imputes the fused vector itself.
     token_imputer: bool = False
     attention_heads: int = 4
     attention_layers: int = 1

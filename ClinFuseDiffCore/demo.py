@@ -92,12 +92,14 @@ def _pick_patient(cohort_root: Path, test_ids: list[str], modalities: list[str],
 
 def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: str | None,
                   out_dir: Path, *, seed: int = 0) -> dict[str, Any]:
-    """Predict one patient of a cohort folder with TTT and a modality removed, through the same
+    """Predict one patient of a cohort folder with a modality removed (completed by the token
+    imputer where the checkpoint has one, else with the fusion's TTT), through the same
     code path as ``clinfusediff infer`` (writes ``prediction.json``, the ``.seg.nrrd`` and
     ``report.png`` into ``out_dir``).
 
     Args:
-        checkpoint: a ``best.pt`` (attention: MiDl TTT; diffusion: its own TTT).
+        checkpoint: a ``best.pt`` (attention/mean with ``model.token_imputer``: the imputer, no TTT;
+            attention without it: MiDl TTT; diffusion: its own TTT).
         cohort_root: the cohort folder (generic layout + ``clinical_data.csv``).
         patient_id: the patient.
         drop: the modality to leave out (None: use everything the patient has).
@@ -122,8 +124,11 @@ def infer_patient(checkpoint: Path, cohort_root: Path, patient_id: str, drop: st
     rec = next((r for r in records if r.patient_id == pid), None)
     if rec is None:
         raise FileNotFoundError(f"patient {pid!r} not found under {cohort_root}")
+    # A checkpoint with a token imputer completes the missing modality instead of adapting (its
+    # fusion sees the completed set; MiDl TTT is not used with it). Otherwise: the fusion's TTT.
+    imputes = bool(cfg.model.token_imputer) and cfg.model.fusion != "diffusion"
     argv = ["infer", "--checkpoint", str(checkpoint), "--out", str(out_dir), "--id", pid,
-            "--seed", str(seed), "--device", "cpu", "--ttt"]
+            "--seed", str(seed), "--device", "cpu", "--no-ttt" if imputes else "--ttt"]
     for m, path in rec.images.items():
         if m != drop:
             argv += ["--modality", f"{m}={path}"]
@@ -264,7 +269,9 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
     res.results = results
     res.outputs.update({f"eval_{k}": Path(v) for k, v in paths.items()})
 
-    say(f"[5/5] inference ({cfg.model.fusion}, with its TTT) on one held-out test patient with a modality removed")
+    how = ("the missing modality's token imputed" if cfg.model.token_imputer and cfg.model.fusion != "diffusion"
+           else "with its TTT")
+    say(f"[5/5] inference ({cfg.model.fusion}, {how}) on one held-out test patient with a modality removed")
     t0, c0 = time.perf_counter(), time.process_time()
     image_mods = list(prepared.image_modalities)
     rec = _pick_patient(root, list(prepared.split["test"]), list(cfg.data.modalities), image_mods)
@@ -290,7 +297,7 @@ def run_demo(cfg, out_dir: str | Path, *, seeds: int = 3, show_progress: bool = 
         f"seeds {results['seeds']} (95% t-intervals over evaluation seeds)"), "",
         summary_table(results, res.val_metric, cfg.training.monitor), "",
         (f"inference ({chosen}): patient {inf['patient_id']} without {drop}: {pred_line}; "
-        f"TTT {inf['record']['ttt']}"),
+        f"imputed {inf['record']['modalities'].get('imputed', [])}, TTT {inf['record']['ttt']}"),
         "", resolution_note(prepared.datasets["test"]),
         "", "wall-clock (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res.seconds.items()),
         (f"torch threads {torch.get_num_threads()}, experiment.deterministic={cfg.experiment.deterministic} "

@@ -272,6 +272,7 @@ def build_prediction_record(
     contributions: Optional[Mapping[str, float]] = None,
     model_modalities: Sequence[str] = (),
     used_modalities: Sequence[str] = (),
+    imputed_modalities: Sequence[str] = (),
     checkpoint: Optional[Union[str, Path]] = None,
     checkpoint_sha256: Optional[str] = None,
     config_hash_: Optional[str] = None,
@@ -300,6 +301,8 @@ def build_prediction_record(
         contributions: modality -> contribution (must be finite, modalities the patient has).
         model_modalities: the checkpoint's modality order.
         used_modalities: the modalities this patient had (subset of ``model_modalities``).
+        imputed_modalities: the missing modalities whose tokens the checkpoint's token imputer
+            filled in (``modalities.imputed``, written only when there are any).
         checkpoint, checkpoint_sha256, config_hash_: model identity.
         ttt: test-time training settings and outcome (steps, loss before/after, accepted, ...).
         timings: stage -> seconds.
@@ -410,6 +413,7 @@ def build_prediction_record(
             "model": list(model_modalities),
             "used": [m for m in model_modalities if m in set(used_modalities)] or list(used_modalities),
             "missing": [m for m in model_modalities if m not in set(used_modalities)],
+            **({"imputed": list(imputed_modalities)} if imputed_modalities else {}),
         },
         "model": {
             "checkpoint": str(checkpoint) if checkpoint is not None else None,

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from ClinFuseDiffCore.cli import main
+from ClinFuseDiffCore.training.checkpoint import load_checkpoint
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
@@ -37,9 +38,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert dropped in pred["modalities"]["missing"] and dropped not in pred["modalities"]["used"]
     probs = list(pred["prediction"]["probabilities"].values())
     assert np.isclose(sum(probs), 1.0, atol=1e-4)
-    assert pred["ttt"]["used"] is True
-    # The default fusion is attention (the research experiment's winner); its TTT is MiDl.
-    assert summary["inference"]["fusion"] == "attention" and pred["ttt"]["method"] == "midl"
+    # The default is attention with the token imputer (the research experiment's winner): the
+    # dropped modality's token is imputed, and TTT is not used with it.
+    assert summary["inference"]["fusion"] == "attention"
+    assert pred["modalities"]["imputed"] == [dropped] and pred["ttt"]["used"] is False
+    ck = load_checkpoint(out / "train" / "attention" / "best.pt")
+    assert bool(ck["model"]["imputer.fitted"]) and "imputer.fitted" not in load_checkpoint(
+        out / "train" / "encoders" / "best.pt")["model"]
     from ClinFuseDiffCore.outputs import read_segmentation
 
     seg, labels, _ = read_segmentation(out / "inference" / pred["segmentation"]["file"])

@@ -419,7 +419,8 @@ def run(args: argparse.Namespace) -> int:
         common = dict(
             patient_id=pid, task=pred.task, uncertainty=unc, num_samples=num_samples,
             contributions=pred.contributions, model_modalities=predictor.modalities,
-            used_modalities=pred.modalities_used, checkpoint=ckpt_path.resolve(),
+            used_modalities=pred.modalities_used, imputed_modalities=pred.imputed_modalities,
+            checkpoint=ckpt_path.resolve(),
             checkpoint_sha256=file_sha256(ckpt_path), config_hash_=config_hash(cfg.to_dict()),
             ttt=ttt_info, timings=timings, segmentation=segmentation, extra=extra,
         )

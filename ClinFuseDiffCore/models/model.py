@@ -83,10 +83,7 @@ class ClinFuseDiffModel(nn.Module):
             self.fusion = DiffusionFusion(E, M, cfg.diffusion, m.attention_heads, m.attention_layers, m.dropout)
         self.head = PredictionHead(E, m.head_hidden, self.num_outputs, m.dropout)
         self.imputer: Optional[TokenCompleter] = None
-        if getattr(m, "token_imputer", False):
-            if m.fusion == "diffusion":
-                raise ValueError("model.token_imputer needs model.fusion: attention or mean (diffusion "
-                                 "imputes the fused vector itself); set model.token_imputer=false")
+        if getattr(m, "token_imputer", False) and m.fusion != "diffusion":  # diffusion imputes z itself
             dc = cfg.diffusion
             self.imputer = TokenCompleter(E, M, dc.denoiser_depth, dc.denoiser_heads, dc.denoiser_mlp_ratio)
         self.decoders = TokenDecoders(self.modalities, E, m.head_hidden)

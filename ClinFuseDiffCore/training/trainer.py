@@ -816,7 +816,7 @@ def train_fusions(
     encoder_ckpt = None
     if cfg.training.stage == "two_stage":
         c1 = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, fusion=cfg.training.stage1_fusion),
+            cfg, model=dataclasses.replace(cfg.model, fusion=cfg.training.stage1_fusion, token_imputer=False),
             training=dataclasses.replace(cfg.training, epochs=cfg.training.encoder_epochs,
                                          warmup_epochs=min(cfg.training.warmup_epochs,
                                                            cfg.training.encoder_epochs // 3),

@@ -50,13 +50,15 @@ def test_completer_refuses_a_cohort_without_two_modalities_per_patient():
         fit_token_completer(comp, torch.randn(10, 3, 8), only_one, steps=5)
 
 
-def test_token_imputer_needs_attention_or_mean_fusion(tmp_path):
+def test_diffusion_fusion_builds_no_token_imputer():
+    """Diffusion imputes the fused vector itself: model.token_imputer is ignored there, so one
+    config can train every fusion (--all-fusions)."""
     from ClinFuseDiffCore.models import build_model
 
-    cfg = load_config(None, ["model.fusion=diffusion", "model.token_imputer=true", "model.embed_dim=16",
-                             "diffusion.denoiser_heads=2", "model.attention_heads=2"])
-    with pytest.raises(ValueError, match="model.token_imputer needs model.fusion"):
-        build_model(cfg, {"clinical": {"num": 3, "cat_cardinalities": [3]}})
+    dims = {"clinical": {"num": 3, "cat_cardinalities": [3]}}
+    base = ["model.token_imputer=true", "model.embed_dim=16", "diffusion.denoiser_heads=2", "model.attention_heads=2"]
+    assert build_model(load_config(None, ["model.fusion=diffusion", *base]), dims).imputer is None
+    assert build_model(load_config(None, ["model.fusion=attention", *base]), dims).imputer is not None
 
 
 def test_training_fits_the_imputer_into_both_checkpoints_and_prediction_uses_it(tmp_path):
