@@ -193,6 +193,10 @@ def bench_midl_ttt(ctx: BenchContext, *, patients: int, repeats: int) -> dict[st
     if ctx.attention_checkpoint is None:
         return {"error": "no attention/best.pt beside the diffusion checkpoint (train --all-fusions writes one)"}
     pr = Predictor.from_checkpoint(ctx.attention_checkpoint, device=str(ctx.device))
+    imputer = getattr(pr.model, "imputer", None)
+    had_imputer = imputer is not None and imputer.is_fitted
+    if had_imputer:  # MiDl TTT is not used with the token imputer: measure it on the attention model alone
+        imputer.fitted.fill_(False)
     dev = ctx.device
     n = min(patients, len(ctx.cohort.datasets["test"]))
     per: dict[str, list[float]] = {"no_ttt": [], "ttt": [], "no_ttt_no_contrib": [], "ttt_no_contrib": []}
@@ -222,6 +226,7 @@ def bench_midl_ttt(ctx: BenchContext, *, patients: int, repeats: int) -> dict[st
         "midl": {"steps": c.midl_steps, "views": c.midl_views, "params": c.midl_params},
         "overhead_without_contributions": med["ttt_no_contrib"] / med["no_ttt_no_contrib"],
         "accept_rate": (sum(accepted) / len(accepted)) if accepted else math.nan,
+        "token_imputer_disabled_for_this_row": had_imputer,
         "checkpoint": str(ctx.attention_checkpoint)}}
 
 
