@@ -278,6 +278,28 @@ def fit_flow(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> tuple
     return ema, scorer, {"final_loss": float(np.mean(losses[-50:])), "flow_steps": n_steps}
 
 
+def fit_mean_tokens(td: TokenData, teacher: FusionHead) -> tuple[None, Scorer, dict]:
+    """The control of the token imputers: every missing modality's token is the training patients'
+    mean token of that modality (nothing learned, no condition), then the frozen teacher on the
+    complete set. What the learned imputer adds over this is what its condition tells it."""
+    tr = torch.from_numpy(td.train)
+    ref = td.tokens.index_select(0, tr)
+    pm = torch.from_numpy(td.present[td.train]).unsqueeze(-1).float()
+    mu = (ref * pm).sum(0) / pm.sum(0).clamp_min(1)  # (M, E)
+    M = td.tokens.shape[1]
+
+    @torch.no_grad()
+    def impute(tok, av, g):
+        full = torch.where(av.bool().unsqueeze(-1), tok, mu.expand_as(tok))
+        return teacher.fusion(full, torch.ones(tok.shape[0], M, dtype=torch.bool)).unsqueeze(0)  # (1, N, E)
+
+    @torch.no_grad()
+    def scorer(tok, av, g):
+        return _probs(teacher.head(impute(tok, av, g)))[0], None
+    scorer.impute = impute  # type: ignore[attr-defined]
+    return None, scorer, {}
+
+
 def fit_token_imputer(kind: str, cfg, sweep, td: TokenData, seed: int, teacher: FusionHead
                       ) -> tuple[nn.Module, Scorer, dict]:
     """Impute the missing modalities' tokens so that the frozen teacher sees a complete set.

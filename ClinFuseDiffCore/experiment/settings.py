@@ -31,6 +31,7 @@ METHODS = (
     "flow",             # conditional flow matching (rectified flow) to the teacher's z_full, few Euler steps
     "tokens_flow",      # per-modality token imputation by flow matching (IMDer-style), teacher on the full set
     "tokens_regressor",  # the same token imputer trained by MSE (deterministic control)
+    "tokens_mean",      # missing tokens = the training mean token, teacher on the full set (control of the imputers)
 )
 
 
@@ -92,7 +93,7 @@ def load_research_config(path: str = "research", overrides: Optional[list[str]] 
         raise ConfigError(f"sweep.reference {sweep.reference!r} must be one of sweep.methods {sweep.methods}")
     needs_teacher = {"regressor", "diffusion", "oracle_full", "attention_ttt", "attention_ttt_online",
                      "regressor_head", "diffusion_head", "flow", "tokens_flow",
-                     "tokens_regressor"} & set(sweep.methods)
+                     "tokens_regressor", "tokens_mean"} & set(sweep.methods)
     if "regressor_unseen" in sweep.methods and "attention_unseen" not in sweep.methods:
         raise ConfigError("sweep.methods 'regressor_unseen' needs 'attention_unseen' (its teacher) in sweep.methods")
     if needs_teacher and "attention" not in sweep.methods:

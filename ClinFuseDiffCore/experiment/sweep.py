@@ -38,6 +38,7 @@ from .methods import (
     fit_diffusion_main,
     fit_fusion,
     fit_hidden_oracle,
+    fit_mean_tokens,
     fit_nested,
     fit_flow,
     fit_regressor,
@@ -56,7 +57,7 @@ COST = {"stage1": 40.0, "attention": 1.0, "mean": 0.6, "attention_size": 1.0, "a
         "regressor": 3.0, "diffusion": 6.0, "diffusion_main": 8.0, "dedicated": 8.0, "oracle_full": 0.3,
         "oracle_hidden": 0.5, "attention_nested": 2.5, "attention_ttt": 5.0, "attention_ttt_online": 4.0,
         "regressor_head": 7.0, "diffusion_head": 25.0, "attention_unseen": 1.0, "regressor_unseen": 3.0,
-        "flow": 4.0, "tokens_flow": 5.0, "tokens_regressor": 3.0}
+        "flow": 4.0, "tokens_flow": 5.0, "tokens_regressor": 3.0, "tokens_mean": 0.5}
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -350,6 +351,10 @@ def run_sweep(cfg, sweep, out_dir: str | os.PathLike, *, progress: bool = True,
                 **imputation_diagnostics(scorer.impute, t, td.tokens, data.present, val_idx, masks, seed),
                 **token_diagnostics(scorer.complete, td.tokens, data.present, val_idx, masks, seed)}
             keep_samples = kind == "tokens_flow"
+        elif kind == "tokens_mean":
+            t = teacher()
+            _, scorer, meta = fit_mean_tokens(td, t)
+            meta["diagnostics"] = imputation_diagnostics(scorer.impute, t, td.tokens, data.present, val_idx, masks, seed)
         elif kind == "diffusion_main":
             _, scorer, meta = fit_diffusion_main(cfg, sweep, td, seed, data.tabular_dims)
             keep_samples = True

@@ -223,6 +223,32 @@ def test_token_imputer_recovers_missing_modality_tokens_on_a_case_built_for_it(k
     assert p.shape == (len(test),) and (ps is None) == (kind == "regressor")
 
 
+def test_mean_token_control_fills_missing_tokens_with_the_training_mean():
+    """tokens_mean: missing tokens become the training patients' mean token (test patients never
+    enter it); a complete row gives the teacher's full-set fusion itself."""
+    from ClinFuseDiffCore.experiment.methods import FusionHead, TokenData, fit_mean_tokens, teacher_full
+    from ClinFuseDiffCore.experiment.settings import load_research_config
+
+    cfg, _ = load_research_config("research", [])
+    torch.manual_seed(0)
+    P, M, E = 40, 7, cfg.model.embed_dim
+    tokens = torch.randn(P, M, E)
+    td = TokenData(tokens, np.ones((P, M), bool), torch.randint(0, 2, (P,)), np.arange(30))
+    teacher = FusionHead("attention", cfg, 2).eval()
+    _, scorer, _ = fit_mean_tokens(td, teacher)
+    full = torch.ones(10, M, dtype=torch.bool)
+    assert torch.allclose(scorer.impute(tokens[30:], full, None)[0], teacher_full(teacher, tokens[30:], full), atol=1e-6)
+    av = full.clone()
+    av[:, 2:] = False
+    expect = tokens[30:].clone()
+    expect[:, 2:] = tokens[:30, 2:].mean(0)
+    assert torch.allclose(scorer.impute(tokens[30:], av, None)[0], teacher_full(teacher, expect, full), atol=1e-5)
+    tokens2 = tokens.clone()
+    tokens2[30:] += 100.0  # test patients' tokens do not enter the mean
+    _, sc2, _ = fit_mean_tokens(TokenData(tokens2, td.present, td.labels, td.train), teacher)
+    assert torch.allclose(sc2.impute(tokens[30:], av, None), scorer.impute(tokens[30:], av, None))
+
+
 def test_nested_masks_add_one_modality_the_patient_has():
     from ClinFuseDiffCore.experiment.methods import nested_masks
 
