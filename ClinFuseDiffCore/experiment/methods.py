@@ -112,6 +112,25 @@ def _ema_updater(ema: nn.Module, net: nn.Module, decay: float) -> Callable[[], N
     return update
 
 
+def _fit_ema(net: nn.Module, ema: nn.Module, loss_fn: Callable[[int], torch.Tensor], sweep) -> list[float]:
+    """Train ``net`` by ``loss_fn`` for ``sweep.diffusion_steps`` with an EMA of its weights in
+    ``ema`` (left in eval mode: it is what the imputers sample from)."""
+    on_step = _ema_updater(ema, net, sweep.ema_decay)
+    net.train()
+    losses = _fit(list(net.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr, sweep.weight_decay, on_step)
+    ema.eval()
+    return losses
+
+
+def _euler(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, n_steps: int) -> torch.Tensor:
+    """Integrate a flow's ODE from noise ``x`` (t = 0) to t = 1 in ``n_steps`` Euler steps;
+    ``velocity(x, t)`` gets t per row, embedded as 1000 t."""
+    for i in range(n_steps):
+        t = torch.full((x.shape[0],), i / n_steps)
+        x = x + velocity(x, t * 1000.0) / n_steps
+    return x
+
+
 def _probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), -1)[..., 1]
 
@@ -174,11 +193,7 @@ def fit_regressor(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead,
         tok, cond, pres, _ = get(step)
         return F.mse_loss(forward(net, tok, cond), teacher_full(teacher, tok, pres))
 
-    on_step = _ema_updater(ema, net, sweep.ema_decay)
-
-    net.train()
-    losses = _fit(list(net.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr, sweep.weight_decay, on_step)
-    ema.eval()
+    losses = _fit_ema(net, ema, loss_fn, sweep)
 
     @torch.no_grad()
     def scorer(tok, av, gen):
@@ -205,11 +220,7 @@ def fit_diffusion(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> 
         loss, _ = fusion.denoise_loss(z0, tok, cond, generator=gen, cond_dropout=0.0)
         return loss
 
-    on_step = _ema_updater(ema, fusion.denoiser, sweep.ema_decay)
-
-    fusion.denoiser.train()
-    losses = _fit(list(fusion.denoiser.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr,
-                  sweep.weight_decay, on_step)
+    losses = _fit_ema(fusion.denoiser, ema, loss_fn, sweep)
     fusion.denoiser = ema
     fusion.eval()
 
@@ -254,20 +265,14 @@ def fit_flow(cfg, sweep, td: TokenData, seed: int, teacher: FusionHead) -> tuple
         xt = (1 - t[:, None]) * x0 + t[:, None] * z1
         return F.mse_loss(net(xt, t * 1000.0, tok, cond), z1 - x0)
 
-    on_step = _ema_updater(ema, net, sweep.ema_decay)
-    net.train()
-    losses = _fit(list(net.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr, sweep.weight_decay, on_step)
-    ema.eval()
+    losses = _fit_ema(net, ema, loss_fn, sweep)
     n_steps = max(1, int(sweep.flow_steps))
 
     @torch.no_grad()
     def impute(tok, av, g):
         N, K = tok.shape[0], max(1, int(sweep.samples))
         prep = ema.prepare_condition(tok, av)
-        x = torch.randn((K * N, E), generator=g)
-        for i in range(n_steps):
-            t = torch.full((K * N,), i / n_steps)
-            x = x + ema(x, t * 1000.0, prepared=prep) / n_steps
+        x = _euler(lambda x, t: ema(x, t, prepared=prep), torch.randn((K * N, E), generator=g), n_steps)
         return _sphere(x.reshape(K, N, E))  # (K, N, E)
 
     @torch.no_grad()
@@ -338,10 +343,7 @@ def fit_token_imputer(kind: str, cfg, sweep, td: TokenData, seed: int, teacher: 
             pred, target = net(torch.zeros_like(z), None, z, cond), z
         return (((pred - target) ** 2) * w).sum() / (w.sum().clamp_min(1) * E)
 
-    on_step = _ema_updater(ema, net, sweep.ema_decay)
-    net.train()
-    losses = _fit(list(net.parameters()), loss_fn, sweep.diffusion_steps, sweep.lr, sweep.weight_decay, on_step)
-    ema.eval()
+    losses = _fit_ema(net, ema, loss_fn, sweep)
     n_steps = max(1, int(sweep.flow_steps))
 
     @torch.no_grad()
@@ -352,10 +354,7 @@ def fit_token_imputer(kind: str, cfg, sweep, td: TokenData, seed: int, teacher: 
         z = ((tok - mu) / sd).repeat(K, 1, 1)
         c = av.bool().repeat(K, 1)
         if flow:
-            x = torch.randn(z.shape, generator=g)
-            for i in range(n_steps):
-                t = torch.full((K * N,), i / n_steps)
-                x = x + ema(x, t * 1000.0, z, c) / n_steps
+            x = _euler(lambda x, t: ema(x, t, z, c), torch.randn(z.shape, generator=g), n_steps)
         else:
             x = ema(torch.zeros_like(z), None, z, c)
         full = torch.where(c.unsqueeze(-1), z, x) * sd + mu
